@@ -1,0 +1,647 @@
+//! The grid: the scheduler state machine plus everything around it that it must not
+//! know — connected workers' outboxes, operand bytes, results being assembled, the clock,
+//! the store and the metrics.
+//!
+//! One mutex guards it all. Every operation under it is bounded work on in-memory maps
+//! (no IO, no `.await`): a socket task decodes a frame, takes the lock, applies the event,
+//! queues outgoing frames on per-worker channels and lets go. Hashing and encoding large
+//! buffers happen outside the lock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use tabgrid_shared::protocol::{self, LeaseId, OperandKey, TileResult, ToWorker, WorkerKind};
+use tabgrid_shared::tiling::TilePlan;
+use tabgrid_shared::{Dtype, Matrix};
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
+use crate::scheduler::{
+    Command, JobId, JobTiles, LeaseStatus, Millis, Panel, Scheduler, SchedulerConfig, Violation,
+    WorkerId,
+};
+use crate::store::{JobOperands, JobRecord, JobState, Store, StoreError};
+
+/// An operand panel ready to send: shared by every worker that needs it.
+#[derive(Debug)]
+pub struct OperandData {
+    pub key: OperandKey,
+    pub dtype: Dtype,
+    pub rows: u32,
+    pub cols: u32,
+    pub bytes: Bytes,
+}
+
+/// What a worker's socket task sends, in order.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(ToWorker),
+    /// Encoded by the socket task, outside the grid lock.
+    Operand(Arc<OperandData>),
+    /// Close the connection with a WebSocket close code and reason.
+    Close { code: u16, reason: String },
+}
+
+/// A job's progress as users see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub state: JobState,
+    pub tiles_done: u64,
+    pub tiles_total: u64,
+    pub error: Option<String>,
+}
+
+/// A connected worker, as `/workers` lists it.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub id: WorkerId,
+    pub kind: WorkerKind,
+    pub subject: String,
+    pub threads: u32,
+    pub tiles_done: u64,
+    pub gflops: f64,
+    pub connected_at: SystemTime,
+    pub agent: String,
+}
+
+/// A job ready to enter the grid: validated inputs and its tiling.
+#[derive(Debug)]
+pub struct NewJob {
+    pub owner: String,
+    pub name: Option<String>,
+    pub alpha: f64,
+    pub beta: f64,
+    pub priority: i32,
+    pub operands: JobOperands,
+    pub plan: TilePlan,
+}
+
+/// A job cut into panels (the slow part of a submission, done before taking the lock).
+#[derive(Debug)]
+pub struct PreparedJob {
+    job: NewJob,
+    a_panels: Vec<Arc<OperandData>>,
+    b_panels: Vec<Arc<OperandData>>,
+    c_tiles: Option<Vec<Arc<OperandData>>>,
+}
+
+/// Lets a `Bytes` borrow a matrix's buffer without copying it.
+struct MatrixBytes(Arc<Matrix>);
+
+impl AsRef<[u8]> for MatrixBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.data
+    }
+}
+
+fn operand(dtype: Dtype, rows: usize, cols: usize, bytes: Bytes) -> Arc<OperandData> {
+    let (rows, cols) = (rows as u32, cols as u32);
+    Arc::new(OperandData {
+        key: OperandKey::of(dtype, rows, cols, &bytes),
+        dtype,
+        rows,
+        cols,
+        bytes,
+    })
+}
+
+impl PreparedJob {
+    /// Cuts the operands into row panels of A, column panels of B and tiles of C, and
+    /// computes their content keys. CPU-bound: call it off the async runtime.
+    pub fn new(job: NewJob) -> PreparedJob {
+        let plan = job.plan;
+        let a = &job.operands.a;
+        let dtype = a.dtype;
+        let k = plan.k as usize;
+        let row_bytes = k * dtype.size();
+        let a_all = Bytes::from_owner(MatrixBytes(a.clone()));
+        let a_panels = (0..plan.tiles_i())
+            .map(|i| {
+                let rows = plan.rows(i);
+                let bytes = a_all.slice(rows.start as usize * row_bytes..rows.end as usize * row_bytes);
+                operand(dtype, rows.len(), k, bytes)
+            })
+            .collect();
+        let b_panels = (0..plan.tiles_j())
+            .map(|j| {
+                let cols = plan.cols(j);
+                let block = job.operands.b.block(0, cols.start as usize, k, cols.len());
+                operand(dtype, k, cols.len(), Bytes::from(block))
+            })
+            .collect();
+        let c_tiles = job.operands.c.as_ref().filter(|_| job.beta != 0.0).map(|c| {
+            plan.tiles()
+                .map(|(i, j)| {
+                    let (rows, cols) = (plan.rows(i), plan.cols(j));
+                    let block = c.block(rows.start as usize, cols.start as usize, rows.len(), cols.len());
+                    operand(dtype, rows.len(), cols.len(), Bytes::from(block))
+                })
+                .collect()
+        });
+        PreparedJob {
+            job,
+            a_panels,
+            b_panels,
+            c_tiles,
+        }
+    }
+}
+
+struct LiveJob {
+    record: JobRecord,
+    plan: TilePlan,
+    result: Matrix,
+    keys: Vec<OperandKey>,
+    progress: watch::Sender<Progress>,
+    has_c: bool,
+}
+
+impl LiveJob {
+    fn progress(&self) -> Progress {
+        Progress {
+            state: self.record.state,
+            tiles_done: self.record.tiles_done,
+            tiles_total: self.record.tiles_total,
+            error: self.record.error.clone(),
+        }
+    }
+}
+
+struct WorkerConn {
+    outbox: mpsc::UnboundedSender<Outbound>,
+    info: WorkerInfo,
+    /// When each live lease was handed out, for the lease latency histogram.
+    lease_started: HashMap<LeaseId, Instant>,
+}
+
+struct Inner {
+    scheduler: Scheduler,
+    jobs: HashMap<JobId, LiveJob>,
+    by_name: HashMap<String, JobId>,
+    workers: HashMap<WorkerId, WorkerConn>,
+    /// Operand bytes by key, with the number of live jobs using each.
+    operands: HashMap<OperandKey, (Arc<OperandData>, usize)>,
+    next_job: JobId,
+    next_worker: WorkerId,
+}
+
+/// Why a submission could not enter the grid.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a result was refused in a way that ends the worker's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    #[error(transparent)]
+    Violation(#[from] Violation),
+    #[error("result for lease {lease} has {actual} bytes; the tile needs {expected}")]
+    WrongSize {
+        lease: LeaseId,
+        actual: usize,
+        expected: usize,
+    },
+}
+
+/// The running grid. Shared by request handlers, socket tasks and the ticker.
+pub struct Grid {
+    inner: Mutex<Inner>,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    started: Instant,
+}
+
+impl Grid {
+    pub fn new(store: Arc<dyn Store>, metrics: Metrics, config: SchedulerConfig) -> Arc<Grid> {
+        Arc::new(Grid {
+            inner: Mutex::new(Inner {
+                scheduler: Scheduler::new(config),
+                jobs: HashMap::new(),
+                by_name: HashMap::new(),
+                workers: HashMap::new(),
+                operands: HashMap::new(),
+                next_job: 1,
+                next_worker: 1,
+            }),
+            store,
+            metrics,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn now(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state under the lock is kept consistent between statements that can panic;
+        // a poisoned lock would otherwise stop the whole grid.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records and schedules a prepared job; idle workers start on it at once.
+    pub fn submit(&self, prepared: PreparedJob) -> Result<JobRecord, SubmitError> {
+        let PreparedJob {
+            job,
+            a_panels,
+            b_panels,
+            c_tiles,
+        } = prepared;
+        let plan = job.plan;
+        let dtype = job.operands.a.dtype;
+        let record = JobRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            owner: job.owner,
+            name: job.name,
+            dtype,
+            m: plan.m,
+            n: plan.n,
+            k: plan.k,
+            alpha: job.alpha,
+            beta: job.beta,
+            priority: job.priority,
+            state: JobState::Queued,
+            tiles_done: 0,
+            tiles_total: plan.tile_count(),
+            created_at: SystemTime::now(),
+            finished_at: None,
+            error: None,
+        };
+        self.store.insert_job(&record, &job.operands)?;
+        self.metrics.job_submitted();
+        let result = Matrix::zeros(dtype, plan.m as usize, plan.n as usize)
+            .expect("shape checked at submission");
+
+        let mut inner = self.lock();
+        let id = inner.next_job;
+        inner.next_job += 1;
+        let panel = |d: &Arc<OperandData>| Panel {
+            key: d.key,
+            bytes: d.bytes.len() as u64,
+        };
+        let tiles = JobTiles {
+            id,
+            priority: job.priority,
+            plan,
+            a_panels: a_panels.iter().map(panel).collect(),
+            b_panels: b_panels.iter().map(panel).collect(),
+            c_tiles: c_tiles.as_ref().map(|c| c.iter().map(panel).collect()),
+            done: Vec::new(),
+        };
+        let mut keys = Vec::new();
+        for data in a_panels.into_iter().chain(b_panels).chain(c_tiles.into_iter().flatten()) {
+            keys.push(data.key);
+            inner.operands.entry(data.key).or_insert((data, 0)).1 += 1;
+        }
+        let (progress, _) = watch::channel(Progress {
+            state: JobState::Queued,
+            tiles_done: 0,
+            tiles_total: record.tiles_total,
+            error: None,
+        });
+        inner.by_name.insert(record.id.clone(), id);
+        inner.jobs.insert(
+            id,
+            LiveJob {
+                record: record.clone(),
+                plan,
+                result,
+                keys,
+                progress,
+                has_c: tiles.c_tiles.is_some(),
+            },
+        );
+        let now = self.now();
+        self.step(&mut inner, |s| s.add_job(tiles, now));
+        self.update_job_gauges(&inner);
+        Ok(record)
+    }
+
+    /// The live view of a job (progress more recent than the store's), if it is running.
+    pub fn live_job(&self, id: &str) -> Option<JobRecord> {
+        let inner = self.lock();
+        let job = inner.by_name.get(id)?;
+        inner.jobs.get(job).map(|j| j.record.clone())
+    }
+
+    /// Follows a live job's progress; `None` once it has finished.
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Progress>> {
+        let inner = self.lock();
+        let job = inner.by_name.get(id)?;
+        inner.jobs.get(job).map(|j| j.progress.subscribe())
+    }
+
+    /// Cancels a live job: its leases are cancelled on the workers and its memory freed.
+    /// Returns false when the job was not live.
+    pub fn cancel(&self, id: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(&job) = inner.by_name.get(id) else {
+            return false;
+        };
+        self.finish(&mut inner, job, JobState::Cancelled, None);
+        self.apply(&mut inner);
+        true
+    }
+
+    /// A worker finished its handshake; returns its id and the receiving end of its outbox.
+    pub fn register_worker(
+        &self,
+        kind: WorkerKind,
+        subject: String,
+        threads: u32,
+        gflops: f64,
+        cache_bytes: u64,
+        agent: String,
+    ) -> (WorkerId, mpsc::UnboundedReceiver<Outbound>) {
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        let id = inner.next_worker;
+        inner.next_worker += 1;
+        inner.workers.insert(
+            id,
+            WorkerConn {
+                outbox,
+                info: WorkerInfo {
+                    id,
+                    kind,
+                    subject,
+                    threads,
+                    tiles_done: 0,
+                    gflops,
+                    connected_at: SystemTime::now(),
+                    agent,
+                },
+                lease_started: HashMap::new(),
+            },
+        );
+        inner.scheduler.worker_joined(id, gflops, cache_bytes);
+        self.update_worker_gauges(&inner);
+        (id, rx)
+    }
+
+    /// A worker's connection ended: its leases return to the queue at once.
+    pub fn unregister_worker(&self, worker: WorkerId) {
+        let mut inner = self.lock();
+        if inner.workers.remove(&worker).is_none() {
+            return;
+        }
+        let now = self.now();
+        self.step(&mut inner, |s| s.worker_left(worker, now));
+        self.update_worker_gauges(&inner);
+    }
+
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let inner = self.lock();
+        let mut list: Vec<WorkerInfo> = inner.workers.values().map(|w| w.info.clone()).collect();
+        list.sort_by_key(|w| w.id);
+        list
+    }
+
+    pub fn ready(&self, worker: WorkerId, slots: u32) -> Result<(), Violation> {
+        let mut inner = self.lock();
+        let now = self.now();
+        let mut outcome = Ok(());
+        self.step(&mut inner, |s| outcome = s.ready(worker, slots, now));
+        outcome
+    }
+
+    pub fn failed(&self, worker: WorkerId, lease: LeaseId, reason: &str) -> Result<(), Violation> {
+        let mut inner = self.lock();
+        tracing::warn!(worker, lease, reason, "worker could not compute a tile");
+        if let Some(conn) = inner.workers.get_mut(&worker) {
+            conn.lease_started.remove(&lease);
+        }
+        let now = self.now();
+        let mut outcome = Ok(());
+        self.step(&mut inner, |s| outcome = s.failed(worker, lease, now));
+        outcome
+    }
+
+    /// A tile result arrived. `checksum_ok` was computed by the caller, outside the lock.
+    pub fn result(&self, worker: WorkerId, result: TileResult, checksum_ok: bool) -> Result<(), ResultError> {
+        let mut inner = self.lock();
+        let now = self.now();
+        let (job_id, tile) = match inner.scheduler.lease(worker, result.lease)? {
+            LeaseStatus::Active { job, tile } | LeaseStatus::Retired { job, tile } => (job, tile),
+        };
+        let started = inner
+            .workers
+            .get_mut(&worker)
+            .and_then(|w| w.lease_started.remove(&result.lease));
+        if !inner.scheduler.tile_open(job_id, tile) {
+            // Someone else was first, or the job is gone: not wanted, not a fault.
+            self.step(&mut inner, |s| {
+                let _ = s.accept(worker, result.lease, 0, now);
+            });
+            return Ok(());
+        }
+        let job = inner.jobs.get(&job_id).expect("open tiles belong to live jobs");
+        let (rows, cols) = (job.plan.rows(tile.0), job.plan.cols(tile.1));
+        let expected = rows.len() * cols.len() * job.record.dtype.size();
+        if result.payload.len() != expected {
+            self.metrics.result_refused("size");
+            return Err(ResultError::WrongSize {
+                lease: result.lease,
+                actual: result.payload.len(),
+                expected,
+            });
+        }
+        if !checksum_ok {
+            // Corrupted on the way: not the worker's arithmetic. Compute it again.
+            self.metrics.result_refused("checksum");
+            tracing::warn!(worker, lease = result.lease, "result checksum mismatch; tile re-queued");
+            let mut outcome = Ok(());
+            self.step(&mut inner, |s| outcome = s.failed(worker, result.lease, now));
+            return outcome.map_err(Into::into);
+        }
+        // Verification of the arithmetic (Freivalds) plugs in here before acceptance.
+        let job = inner.jobs.get_mut(&job_id).expect("checked above");
+        job.result.write_block(
+            rows.start as usize,
+            cols.start as usize,
+            rows.len(),
+            cols.len(),
+            &result.payload,
+        );
+        job.record.tiles_done += 1;
+        let k = job.plan.k;
+        let progress = job.progress();
+        job.progress.send_replace(progress);
+        if let Some(conn) = inner.workers.get_mut(&worker) {
+            conn.info.tiles_done += 1;
+            if result.compute_micros > 0 {
+                let flops = 2.0 * rows.len() as f64 * cols.len() as f64 * f64::from(k);
+                let gflops = flops / result.compute_micros as f64 / 1e3;
+                conn.info.gflops = if conn.info.tiles_done == 1 {
+                    gflops
+                } else {
+                    0.8 * conn.info.gflops + 0.2 * gflops
+                };
+            }
+        }
+        self.metrics
+            .tile_accepted(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0));
+        let mut outcome = Ok(false);
+        self.step(&mut inner, |s| outcome = s.accept(worker, result.lease, result.compute_micros, now));
+        outcome?;
+        Ok(())
+    }
+
+    /// Advances the clock: expired leases are reassigned, stragglers duplicated.
+    pub fn tick(&self) {
+        let mut inner = self.lock();
+        let now = self.now();
+        self.step(&mut inner, |s| s.tick(now));
+    }
+
+    /// Runs one scheduler event and carries out its decisions.
+    fn step(&self, inner: &mut Inner, event: impl FnOnce(&mut Scheduler)) {
+        let before = inner.scheduler.stats();
+        event(&mut inner.scheduler);
+        self.apply(inner);
+        self.metrics.scheduler_step(before, inner.scheduler.stats());
+    }
+
+    /// Carries out the scheduler's decisions until it has none left (finishing a job
+    /// makes more: cancels and forgets).
+    fn apply(&self, inner: &mut Inner) {
+        loop {
+            let commands = inner.scheduler.drain();
+            if commands.is_empty() {
+                return;
+            }
+            for command in commands {
+                self.carry_out(inner, command);
+            }
+        }
+    }
+
+    fn carry_out(&self, inner: &mut Inner, command: Command) {
+        match command {
+            Command::SendOperand { worker, key } => {
+                if let (Some(conn), Some((data, _))) = (inner.workers.get(&worker), inner.operands.get(&key)) {
+                    let _ = conn.outbox.send(Outbound::Operand(data.clone()));
+                }
+            }
+            Command::Forget { worker, keys } => send(inner, worker, ToWorker::Forget { keys }),
+            Command::Cancel { worker, lease } => {
+                if let Some(conn) = inner.workers.get_mut(&worker) {
+                    conn.lease_started.remove(&lease);
+                }
+                send(inner, worker, ToWorker::Cancel { lease });
+            }
+            Command::Assign(a) => {
+                let Some(job) = inner.jobs.get_mut(&a.job) else {
+                    return;
+                };
+                let (rows, cols) = (job.plan.rows(a.tile.0), job.plan.cols(a.tile.1));
+                let frame = ToWorker::Assign(protocol::Assign {
+                    lease: a.lease,
+                    job: job.record.id.clone(),
+                    tile: a.tile,
+                    dtype: job.record.dtype,
+                    m: rows.len() as u32,
+                    n: cols.len() as u32,
+                    k: job.plan.k,
+                    alpha: job.record.alpha,
+                    beta: if job.has_c { job.record.beta } else { 0.0 },
+                    a: a.a,
+                    b: a.b,
+                    c: a.c,
+                    deadline_ms: a.deadline_ms,
+                });
+                if job.record.state == JobState::Queued {
+                    job.record.state = JobState::Running;
+                    let progress = job.progress();
+                    job.progress.send_replace(progress);
+                    if let Err(err) = self.store.update_job(&job.record) {
+                        tracing::error!(job = job.record.id, error = %err, "store update failed");
+                    }
+                    self.update_job_gauges(inner);
+                }
+                if let Some(conn) = inner.workers.get_mut(&a.worker) {
+                    conn.lease_started.insert(a.lease, Instant::now());
+                }
+                send(inner, a.worker, frame);
+            }
+            Command::JobComplete { job } => self.finish(inner, job, JobState::Done, None),
+        }
+    }
+
+    /// Ends a live job: its record reaches its final state in the store (with the result
+    /// when done), its leases are cancelled and its operands released.
+    fn finish(&self, inner: &mut Inner, job_id: JobId, state: JobState, error: Option<String>) {
+        let Some(mut job) = inner.jobs.remove(&job_id) else {
+            return;
+        };
+        inner.by_name.remove(&job.record.id);
+        inner.scheduler.remove_job(job_id);
+        for key in &job.keys {
+            if let Some(entry) = inner.operands.get_mut(key) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    inner.operands.remove(key);
+                }
+            }
+        }
+        job.record.state = state;
+        job.record.finished_at = Some(SystemTime::now());
+        job.record.error = error;
+        let LiveJob {
+            record,
+            result,
+            progress,
+            ..
+        } = job;
+        if state == JobState::Done
+            && let Err(err) = self.store.put_result(&record.id, Arc::new(result))
+        {
+            tracing::error!(job = record.id, error = %err, "storing result failed");
+        }
+        if let Err(err) = self.store.update_job(&record) {
+            tracing::error!(job = record.id, error = %err, "store update failed");
+        }
+        progress.send_replace(Progress {
+            state,
+            tiles_done: record.tiles_done,
+            tiles_total: record.tiles_total,
+            error: record.error.clone(),
+        });
+        self.metrics.job_finished(state.name());
+        tracing::info!(job = record.id, state = state.name(), "job finished");
+        self.update_job_gauges(inner);
+    }
+
+    fn update_job_gauges(&self, inner: &Inner) {
+        for state in [JobState::Queued, JobState::Running] {
+            let count = inner.jobs.values().filter(|j| j.record.state == state).count();
+            self.metrics.set_jobs_active(state.name(), count as i64);
+        }
+    }
+
+    fn update_worker_gauges(&self, inner: &Inner) {
+        for kind in [WorkerKind::Native, WorkerKind::Browser] {
+            let count = inner.workers.values().filter(|w| w.info.kind == kind).count();
+            self.metrics.set_workers(kind.name(), count as i64);
+        }
+    }
+}
+
+fn send(inner: &Inner, worker: WorkerId, frame: ToWorker) {
+    if let Some(conn) = inner.workers.get(&worker) {
+        // A closed outbox means the socket task is ending; it unregisters the worker.
+        let _ = conn.outbox.send(Outbound::Frame(frame));
+    }
+}

@@ -1,0 +1,61 @@
+//! The tabgrid coordinator: cuts jobs into tiles, leases them to volunteer workers over
+//! WebSocket, checks and assembles what comes back, and serves the HTTP API users submit
+//! to. Also the `tabgrid` command-line client.
+//!
+//! The key design choice is the split between [`scheduler`], a synchronous state machine
+//! that makes every decision, and [`grid`], which owns sockets' outboxes, bytes, the clock
+//! and the store. Scheduling rules are unit-tested without a socket or a clock; the IO
+//! around them stays thin.
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod grid;
+pub mod hub;
+pub mod metrics;
+pub mod npy;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+
+use std::sync::Arc;
+
+pub use server::{AppState, ServeConfig, app, run};
+
+/// A coordinator ready to serve: its state and the switch that stops worker sessions.
+pub struct Coordinator {
+    pub state: AppState,
+    pub stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Coordinator {
+    /// Builds a coordinator on `store` with tokens signed by `secret`.
+    pub fn new(
+        store: Arc<dyn store::Store>,
+        secret: &auth::Secret,
+        config: ServeConfig,
+        scheduler: scheduler::SchedulerConfig,
+    ) -> Coordinator {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let grid = grid::Grid::new(store, metrics::Metrics::new(), scheduler);
+        Coordinator {
+            state: AppState {
+                grid,
+                keys: Arc::new(auth::Keys::new(secret)),
+                config: Arc::new(config),
+                shutdown,
+            },
+            stop,
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        run(listener, self.state, self.stop, shutdown).await
+    }
+}

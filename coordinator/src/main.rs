@@ -1,0 +1,360 @@
+//! `tabgrid`: run a coordinator (`serve`), a laptop grid (`cluster`), mint tokens, and
+//! submit and follow jobs as a client.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tabgrid_coordinator::auth::{Keys, Secret};
+use tabgrid_coordinator::client::{Client, Submission};
+use tabgrid_coordinator::scheduler::SchedulerConfig;
+use tabgrid_coordinator::store::MemoryStore;
+use tabgrid_coordinator::{Coordinator, ServeConfig};
+use tabgrid_shared::claims::Role;
+
+/// tabgrid: a volunteer compute grid for dense matrix multiplication.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Run a coordinator and N native workers in this process (a grid on one machine).
+    Cluster(ClusterArgs),
+    /// Mint a token signed with this coordinator's secret.
+    Token(TokenArgs),
+    /// Submit a job: C = alpha·A·B + beta·C from .npy files.
+    Submit(SubmitArgs),
+    /// Show a job's state and progress.
+    Status(JobArgs),
+    /// Download a job's result (.npy with -o, JSON otherwise).
+    Result(ResultArgs),
+    /// List your jobs (all jobs for an admin).
+    Jobs(ClientArgs),
+    /// Cancel and delete a job.
+    Cancel(JobArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "TABGRID_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the coordinator's state (JWT secret, store).
+    #[arg(long, env = "TABGRID_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Largest request body, bytes (suffixes K, M, G, KiB, MiB, GiB accepted).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    max_body: u64,
+    /// Seconds between worker heartbeats; a worker silent for three is dropped.
+    #[arg(long, default_value_t = 5, hide = true)]
+    heartbeat_secs: u32,
+    /// Shortest lease, milliseconds (tests shorten it to exercise expiry).
+    #[arg(long, default_value_t = 15_000, hide = true)]
+    lease_floor_ms: u64,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Native workers to run in this process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Threads per worker (default: the machine's cores shared between the workers).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[arg(long, value_parser = parse_role)]
+    role: Role,
+    /// Who the token is for; submitters own the jobs they submit.
+    #[arg(long)]
+    subject: String,
+    /// Validity, e.g. 30m, 24h, 7days.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Data dir of the coordinator whose secret signs the token.
+    #[arg(long, env = "TABGRID_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "TABGRID_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Your token (submitter or admin).
+    #[arg(long, env = "TABGRID_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// A, an m×k matrix (.npy, C order, float32 or float64).
+    a: PathBuf,
+    /// B, a k×n matrix (.npy).
+    b: PathBuf,
+    /// C, an m×n matrix (.npy) scaled by beta and added.
+    #[arg(long)]
+    c: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    beta: f64,
+    /// f32 or f64 (default: the dtype of A's file).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    #[arg(long)]
+    name: Option<String>,
+    /// Wait for the job with a progress bar.
+    #[arg(long)]
+    wait: bool,
+    /// Where to write the result (.npy); implies --wait.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct JobArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    id: String,
+}
+
+#[derive(Args)]
+struct ResultArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    id: String,
+    /// Write the result as .npy here instead of JSON to stdout.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("unknown role {s:?}: expected admin, submitter or volunteer"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size like 512MiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(err) = dispatch(cli.command).await {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(args.server, 0, None).await,
+        Command::Cluster(args) => serve(args.server, args.workers, args.threads).await,
+        Command::Token(args) => {
+            let secret = std::env::var("TABGRID_JWT_SECRET").ok();
+            let (secret, created) = Secret::load_or_create(secret, &args.data_dir)?;
+            if created {
+                eprintln!("created a new secret in {}", args.data_dir.display());
+            }
+            println!("{}", Keys::new(&secret).mint(&args.subject, args.role, args.ttl));
+            Ok(())
+        }
+        Command::Submit(args) => submit(args).await,
+        Command::Status(args) => {
+            let client = Client::new(&args.client.url, &args.client.token)?;
+            println!("{}", serde_json::to_string_pretty(&client.status(&args.id).await?)?);
+            Ok(())
+        }
+        Command::Jobs(args) => {
+            let client = Client::new(&args.url, &args.token)?;
+            println!("{}", serde_json::to_string_pretty(&client.list().await?)?);
+            Ok(())
+        }
+        Command::Cancel(args) => {
+            let client = Client::new(&args.client.url, &args.client.token)?;
+            client.delete(&args.id).await?;
+            println!("job {} cancelled and deleted", args.id);
+            Ok(())
+        }
+        Command::Result(args) => {
+            let client = Client::new(&args.client.url, &args.client.token)?;
+            match args.output {
+                Some(path) => {
+                    let bytes = client.result_npy(&args.id).await?;
+                    write_file(&path, &bytes)?;
+                    println!("wrote {}", path.display());
+                }
+                None => println!("{}", client.result_json(&args.id).await?),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client.url, &args.client.token)?;
+    let reply = client
+        .submit(&Submission {
+            a: &args.a,
+            b: &args.b,
+            c: args.c.as_deref(),
+            dtype: args.dtype,
+            alpha: args.alpha,
+            beta: args.beta,
+            priority: args.priority,
+            name: args.name,
+        })
+        .await?;
+    let id = reply["id"].as_str().context("the coordinator's reply has no job id")?.to_owned();
+    if !(args.wait || args.output.is_some()) {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    eprintln!("job {id}: {} tiles", reply["tiles_total"]);
+    let last = client.wait(&id, true).await?;
+    let state = last["state"].as_str().unwrap_or("unknown");
+    if state != "done" {
+        anyhow::bail!("job {id} ended {state}: {}", last["error"].as_str().unwrap_or("no reason given"));
+    }
+    match args.output {
+        Some(path) => {
+            let bytes = client.result_npy(&id).await?;
+            write_file(&path, &bytes)?;
+            println!("job {id} done; wrote {}", path.display());
+        }
+        None => println!("job {id} done"),
+    }
+    Ok(())
+}
+
+/// Runs a coordinator, plus `workers` native workers in-process for `cluster`.
+async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyhow::Result<()> {
+    let env_secret = std::env::var("TABGRID_JWT_SECRET").ok();
+    let (secret, created) = Secret::load_or_create(env_secret, &args.data_dir)?;
+    let config = ServeConfig {
+        max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        heartbeat_secs: args.heartbeat_secs.max(1),
+        ..ServeConfig::default()
+    };
+    let scheduler = SchedulerConfig {
+        lease_floor_ms: args.lease_floor_ms,
+        ..SchedulerConfig::default()
+    };
+    let coordinator = Coordinator::new(Arc::new(MemoryStore::new()), &secret, config, scheduler);
+    let keys = coordinator.state.keys.clone();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tabgrid listening on {url}")?;
+        if created || workers > 0 {
+            let token = keys.mint("admin", Role::Admin, Duration::from_secs(24 * 3600));
+            let why = if created { "new secret; shown once" } else { "valid 24h" };
+            writeln!(out, "admin token ({why}):\n{token}")?;
+            writeln!(out, "try: export TABGRID_URL={url} TABGRID_TOKEN={token}")?;
+        }
+        out.flush()?;
+    }
+    let (stop_workers, _) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    if workers > 0 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = threads.unwrap_or((cores / workers).max(1));
+        for n in 0..workers {
+            let token = keys.mint(&format!("cluster-worker-{n}"), Role::Volunteer, Duration::from_secs(365 * 24 * 3600));
+            let config = tabgrid_worker::WorkerConfig::new(vec![url.clone()], Some(token), threads);
+            let mut stop = stop_workers.subscribe();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(err) = tabgrid_worker::run(config, shutdown).await {
+                    tracing::error!(error = format!("{err:#}"), "worker stopped");
+                }
+            }));
+        }
+        tracing::info!(workers, threads, "native workers started");
+    }
+    coordinator.serve(listener, shutdown_signal()).await.context("serving")?;
+    let _ = stop_workers.send(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

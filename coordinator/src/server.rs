@@ -1,0 +1,127 @@
+//! The HTTP server: shared state, the router, and `run` on a bound listener.
+//!
+//! `app(state)` builds the router without sockets (for `oneshot` tests); `run` serves it
+//! on a real listener until `shutdown` resolves, with the lease reaper ticking beside it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api;
+use crate::auth::Keys;
+use crate::error::ApiError;
+use crate::grid::Grid;
+use crate::hub;
+
+/// Settings of a running coordinator.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Largest request body, bytes.
+    pub max_body: usize,
+    /// Seconds between worker heartbeats; three missed ones drop the worker.
+    pub heartbeat_secs: u32,
+    /// How often expired leases are reaped.
+    pub tick: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_body: 1 << 30,
+            heartbeat_secs: 5,
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What every handler and socket task shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub grid: Arc<Grid>,
+    pub keys: Arc<Keys>,
+    pub config: Arc<ServeConfig>,
+    /// Turns true when the coordinator shuts down, so worker sessions close with a reason
+    /// instead of being cut.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The whole API under `/api/v1`.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/jobs", get(api::list_jobs).post(api::submit))
+        .route("/jobs/{id}", get(api::job).delete(api::delete_job))
+        .route("/jobs/{id}/result", get(api::result))
+        .route("/jobs/{id}/events", get(api::events))
+        .route("/workers", get(api::workers))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/worker", get(hub::worker_socket))
+        .fallback(api::not_found);
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::not_found)
+        // Bodies are streamed through the limit, and a declared length over it is refused
+        // before a byte is read.
+        .layer(DefaultBodyLimit::max(state.config.max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_oversized))
+        .with_state(state)
+}
+
+async fn refuse_oversized(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared
+        && length > state.config.max_body as u64
+    {
+        return ApiError::TooLarge(format!(
+            "request body of {length} bytes is over the limit of {} bytes (serve --max-body)",
+            state.config.max_body
+        ))
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grid = state.grid.clone();
+    let tick = state.config.tick;
+    let ticker = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            interval.tick().await;
+            grid.tick();
+        }
+    });
+    let router = app(state);
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    })
+    .await;
+    ticker.abort();
+    served
+}

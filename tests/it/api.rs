@@ -1,0 +1,225 @@
+//! The HTTP API's contract for bad input and access control, against a real coordinator
+//! process (no workers needed: nothing here computes).
+
+use reqwest::StatusCode;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use tabgrid_shared::claims::Role;
+use tabgrid_tests::*;
+
+fn job(m: usize, k: usize, n: usize) -> Value {
+    json!({
+        "op": "gemm", "dtype": "f64", "alpha": 1.0, "beta": 0.0,
+        "a": {"shape": [m, k], "data": random_matrix(m, k, 1)},
+        "b": {"shape": [k, n], "data": random_matrix(k, n, 2)},
+    })
+}
+
+async fn post(c: &Coordinator, bearer: Option<&str>, body: &Value) -> (StatusCode, Value) {
+    let mut request = c.http.post(c.api("/jobs")).json(body);
+    if let Some(t) = bearer {
+        request = request.bearer_auth(t);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn multipart(c: &Coordinator, bearer: &str, spec: Value, parts: Vec<(&'static str, Vec<u8>)>) -> (StatusCode, Value) {
+    let mut form = Form::new().part("spec", Part::text(spec.to_string()));
+    for (name, bytes) in parts {
+        form = form.part(name, Part::bytes(bytes).file_name(format!("{name}.npy")));
+    }
+    let response = c.http.post(c.api("/jobs")).bearer_auth(bearer).multipart(form).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn detail(body: &Value) -> &str {
+    body["detail"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_naming_the_part() {
+    let c = Coordinator::start(&[]).await;
+    let t = token("ada", Role::Submitter);
+
+    let mut body = job(2, 3, 4);
+    body["b"]["shape"] = json!([4, 3]);
+    body["b"]["data"] = json!(random_matrix(4, 3, 2));
+    let (status, reply) = post(&c, Some(&t), &body).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("A is 2x3 and B is 4x3"), "{reply}");
+    assert_eq!(reply["error"], "bad_request");
+
+    let mut body = job(2, 3, 4);
+    body["dtype"] = json!("int8");
+    let (status, reply) = post(&c, Some(&t), &body).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("int8"), "{reply}");
+
+    let mut body = job(2, 3, 4);
+    body["a"]["data"] = json!([1.0, 2.0]);
+    let (status, reply) = post(&c, Some(&t), &body).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("a: data has 2 values but shape [2, 3] needs 6"), "{reply}");
+
+    let mut body = job(2, 3, 4);
+    body["c"] = json!({"shape": [3, 3], "data": random_matrix(3, 3, 3)});
+    let (status, reply) = post(&c, Some(&t), &body).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("C is 3x3 but A·B is 2x4"), "{reply}");
+
+    let response = c
+        .http
+        .post(c.api("/jobs"))
+        .bearer_auth(&t)
+        .header("content-type", "application/json")
+        .body("{\"op\": \"gemm\", ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let reply: Value = response.json().await.unwrap();
+    assert!(detail(&reply).contains("not valid job JSON"), "{reply}");
+
+    let mut body = job(1, 1, 1);
+    body["op"] = json!("conv2d");
+    let (status, reply) = post(&c, Some(&t), &body).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("conv2d"), "{reply}");
+
+    // .npy parts: wrong dtype, Fortran order, truncated, missing part, not 2-D.
+    let spec = json!({"op": "gemm", "dtype": "f32"});
+    let a = npy_f64(2, 3, &random_matrix(2, 3, 1));
+    let b = npy_f32(3, 2, &random_matrix(3, 2, 2));
+    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", a), ("b", b.clone())]).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).starts_with("part `a`:") && detail(&reply).contains("f32"), "{reply}");
+
+    let fortran = {
+        use ndarray::ShapeBuilder;
+        use ndarray_npy::WriteNpyExt;
+        let mut out = Vec::new();
+        ndarray::Array2::<f32>::zeros((2, 3).f()).write_npy(&mut out).unwrap();
+        out
+    };
+    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", fortran), ("b", b.clone())]).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("part `a`") && detail(&reply).contains("Fortran"), "{reply}");
+
+    let good_a = npy_f32(2, 3, &random_matrix(2, 3, 1));
+    let truncated = good_a[..good_a.len() - 5].to_vec();
+    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", good_a.clone()), ("b", truncated)]).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).starts_with("part `b`:"), "{reply}");
+
+    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", good_a.clone())]).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("part `b` is missing"), "{reply}");
+
+    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", good_a.clone()), ("b", b.clone()), ("x", vec![1])]).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("unknown part `x`"), "{reply}");
+
+    let (status, reply) = multipart(&c, &t, spec, vec![("a", good_a), ("b", npy_f32(2, 2, &[1.0; 4]))]).await;
+    assert_eq!(status, 400);
+    assert!(detail(&reply).contains("A is 2x3 and B is 2x2"), "{reply}");
+
+    let mut c = c;
+    assert!(c.alive(), "the coordinator survived bad input");
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let c = Coordinator::start(&["--max-body", "64KiB"]).await;
+    let t = token("ada", Role::Submitter);
+    let (status, reply) = post(&c, Some(&t), &job(100, 100, 2)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply["error"], "too_large");
+
+    // A chunked body has no declared length: refused while streaming.
+    let chunks = futures_util::stream::iter((0..200).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let response = c
+        .http
+        .post(c.api("/jobs"))
+        .bearer_auth(&t)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (status, _) = post(&c, Some(&t), &job(10, 10, 2)).await;
+    assert_eq!(status, StatusCode::CREATED, "a body under the limit still goes through");
+}
+
+#[tokio::test]
+async fn tokens_roles_and_ownership() {
+    let c = Coordinator::start(&[]).await;
+    let ada = token("ada", Role::Submitter);
+    let bob = token("bob", Role::Submitter);
+    let admin = token("root", Role::Admin);
+
+    let (status, reply) = post(&c, None, &job(2, 2, 2)).await;
+    assert_eq!(status, 401);
+    assert!(detail(&reply).contains("missing bearer token"), "{reply}");
+
+    let forged = token_with("ada", Role::Admin, now() + 3600, "not-the-secret");
+    let (status, reply) = post(&c, Some(&forged), &job(2, 2, 2)).await;
+    assert_eq!(status, 401);
+    assert!(detail(&reply).contains("signature"), "{reply}");
+
+    let expired = token_with("ada", Role::Submitter, now() - 600, SECRET);
+    let (status, reply) = post(&c, Some(&expired), &job(2, 2, 2)).await;
+    assert_eq!(status, 401);
+    assert!(detail(&reply).contains("expired"), "{reply}");
+
+    let volunteer = token("vic", Role::Volunteer);
+    let (status, reply) = post(&c, Some(&volunteer), &job(2, 2, 2)).await;
+    assert_eq!(status, 403);
+    assert!(detail(&reply).contains("volunteer"), "{reply}");
+
+    let (status, reply) = post(&c, Some(&ada), &job(2, 2, 2)).await;
+    assert_eq!(status, 201, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+    assert_eq!(reply["state"], "queued");
+    assert_eq!(reply["tiles_total"], 1);
+
+    let get = |bearer: String, path: String| {
+        let c = &c;
+        async move { c.http.get(c.api(&path)).bearer_auth(bearer).send().await.unwrap() }
+    };
+    assert_eq!(get(bob.clone(), format!("/jobs/{id}")).await.status(), 403);
+    assert_eq!(get(bob.clone(), format!("/jobs/{id}/result")).await.status(), 403);
+    let response = c.http.delete(c.api(&format!("/jobs/{id}"))).bearer_auth(&bob).send().await.unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(get(ada.clone(), format!("/jobs/{id}")).await.status(), 200);
+    assert_eq!(get(admin.clone(), format!("/jobs/{id}")).await.status(), 200);
+
+    // No worker is connected, so the job cannot be done yet.
+    let response = get(ada.clone(), format!("/jobs/{id}/result")).await;
+    assert_eq!(response.status(), 409);
+    let reply: Value = response.json().await.unwrap();
+    assert!(detail(&reply).contains("queued"), "{reply}");
+
+    assert_eq!(get(ada.clone(), "/jobs/00000000-0000-0000-0000-000000000000".into()).await.status(), 404);
+    let list: Value = get(bob.clone(), "/jobs".into()).await.json().await.unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "bob sees only his jobs");
+    let list: Value = get(admin.clone(), "/jobs".into()).await.json().await.unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "admin sees all jobs");
+
+    assert_eq!(get(ada.clone(), "/workers".into()).await.status(), 403);
+    assert_eq!(get(admin.clone(), "/workers".into()).await.status(), 200);
+
+    let response = c.http.delete(c.api(&format!("/jobs/{id}"))).bearer_auth(&ada).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(get(ada.clone(), format!("/jobs/{id}")).await.status(), 404);
+
+    let health: Value = c.http.get(c.api("/healthz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let metrics = c.metrics().await;
+    assert!(metrics.contains("tabgrid_auth_failures_total 3"), "{metrics}");
+    assert!(metrics.contains("tabgrid_jobs_submitted_total 1"), "{metrics}");
+}

@@ -1,0 +1,85 @@
+//! `cargo xtask`: the one build tool for what cargo alone cannot do — the whole test
+//! suite with its binaries, the CI checks, and benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  test            build the binaries, then run every test (unit, integration, end-to-end)
+  ci              what CI runs: fmt check, clippy -D warnings, wasm32 build of shared, test
+  bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
+  bench scheduler scheduler state machine throughput (100k tiles)
+";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["test", rest @ ..] => test(rest),
+        ["ci"] => ci(),
+        ["bench", "e2e", rest @ ..] => bench_e2e(rest),
+        ["bench", "scheduler"] => cargo(&["bench", "-p", "tabgrid-coordinator", "--bench", "scheduler"]),
+        _ => {
+            eprint!("{USAGE}");
+            bail!("unknown command {:?}", args.join(" "))
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("$ {command:?}");
+    let status = command.current_dir(root()).status().with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args))
+}
+
+fn has_nextest() -> bool {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// End-to-end tests run the real `tabgrid` and `tabgrid-worker` binaries, which a plain
+/// `cargo test` of another package does not build: build them first.
+fn test(extra: &[&str]) -> anyhow::Result<()> {
+    cargo(&["build", "--workspace", "--bins"])?;
+    if has_nextest() {
+        let mut args = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
+        args.extend_from_slice(extra);
+        cargo(&args)
+    } else {
+        let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+        args.extend_from_slice(extra);
+        cargo(&args)
+    }
+}
+
+fn ci() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    cargo(&["build", "-p", "tabgrid-shared", "--target", "wasm32-unknown-unknown"])?;
+    test(&[])
+}
+
+fn bench_e2e(extra: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["run", "--release", "-p", "tabgrid-coordinator", "--example", "bench_e2e", "--"];
+    args.extend_from_slice(extra);
+    cargo(&args)
+}
