@@ -49,12 +49,19 @@ pub fn token_with(subject: &str, role: Role, exp: u64, secret: &str) -> String {
         exp,
         iat: now(),
     };
-    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .expect("signing")
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing")
 }
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Lines a child process writes, as they come.
@@ -87,7 +94,12 @@ impl Lines {
     /// Waits until `count` lines containing `needle` have been written (counting earlier ones).
     pub async fn wait_for(&self, needle: &str, count: usize) -> String {
         let mut rx = self.tx.subscribe();
-        let matching = |seen: &Vec<String>| seen.iter().filter(|l| l.contains(needle)).cloned().collect::<Vec<_>>();
+        let matching = |seen: &Vec<String>| {
+            seen.iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
         let found = matching(&self.seen.lock().unwrap());
         if found.len() >= count {
             return found[count - 1].clone();
@@ -110,7 +122,9 @@ impl Lines {
                         }
                         have = found.len();
                     }
-                    Err(broadcast::error::RecvError::Closed) => panic!("process exited before logging {needle:?}"),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        panic!("process exited before logging {needle:?}")
+                    }
                 }
             }
         };
@@ -120,7 +134,12 @@ impl Lines {
     }
 
     pub fn count(&self, needle: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 
@@ -160,7 +179,12 @@ impl Coordinator {
         let stdout = Lines::follow(child.stdout.take().unwrap(), "coordinator out");
         let stderr = Lines::follow(child.stderr.take().unwrap(), "coordinator");
         let line = stdout.wait_for("listening on ", 1).await;
-        let url = line.split("listening on ").nth(1).unwrap().trim().to_owned();
+        let url = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned();
         let addr = url.trim_start_matches("http://").to_owned();
         Coordinator {
             child,
@@ -219,11 +243,23 @@ impl Coordinator {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Follows a job's SSE stream until `stop` says so for an event; returns that event.
-    pub async fn follow(&self, id: &str, bearer: &str, mut stop: impl FnMut(&Value) -> bool) -> Value {
+    pub async fn follow(
+        &self,
+        id: &str,
+        bearer: &str,
+        mut stop: impl FnMut(&Value) -> bool,
+    ) -> Value {
         let response = self
             .http
             .get(self.api(&format!("/jobs/{id}/events")))
@@ -251,13 +287,17 @@ impl Coordinator {
             }
             panic!("event stream ended before the awaited event");
         };
-        tokio::time::timeout(EVENT_TIMEOUT, wait).await.expect("timed out following job events")
+        tokio::time::timeout(EVENT_TIMEOUT, wait)
+            .await
+            .expect("timed out following job events")
     }
 
     /// Waits for a job to reach a final state; returns its last progress event.
     pub async fn wait_job(&self, id: &str, bearer: &str) -> Value {
-        self.follow(id, bearer, |e| matches!(e["state"].as_str(), Some("done" | "failed" | "cancelled")))
-            .await
+        self.follow(id, bearer, |e| {
+            matches!(e["state"].as_str(), Some("done" | "failed" | "cancelled"))
+        })
+        .await
     }
 }
 
@@ -334,17 +374,33 @@ pub fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
 }
 
 /// The reference: `alpha·A·B + beta·C` with `matrixmultiply` in f64.
-pub fn reference(m: usize, k: usize, n: usize, alpha: f64, a: &[f64], b: &[f64], beta: f64, c: Option<&[f64]>) -> Vec<f64> {
+pub fn reference(
+    (m, k, n): (usize, usize, usize),
+    alpha: f64,
+    a: &[f64],
+    b: &[f64],
+    beta: f64,
+    c: Option<&[f64]>,
+) -> Vec<f64> {
     let mut out = c.map_or_else(|| vec![0.0; m * n], <[f64]>::to_vec);
     let beta = if c.is_some() { beta } else { 0.0 };
     // SAFETY: the slices hold m×k, k×n and m×n row-major elements as the strides say.
     unsafe {
         matrixmultiply::dgemm(
-            m, k, n, alpha,
-            a.as_ptr(), k as isize, 1,
-            b.as_ptr(), n as isize, 1,
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
             beta,
-            out.as_mut_ptr(), n as isize, 1,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
         );
     }
     out
@@ -352,8 +408,16 @@ pub fn reference(m: usize, k: usize, n: usize, alpha: f64, a: &[f64], b: &[f64],
 
 /// Asserts `got` matches `want` within a tolerance scaled to the dtype and k.
 pub fn assert_close(got: &[f64], want: &[f64], k: usize, f32_job: bool) {
-    assert_eq!(got.len(), want.len(), "result has the wrong number of elements");
-    let eps = if f32_job { f32::EPSILON as f64 } else { f64::EPSILON };
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "result has the wrong number of elements"
+    );
+    let eps = if f32_job {
+        f32::EPSILON as f64
+    } else {
+        f64::EPSILON
+    };
     let tolerance = 4.0 * (k.max(1) as f64) * eps;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let scale = w.abs().max(1.0);
@@ -368,7 +432,10 @@ pub fn assert_close(got: &[f64], want: &[f64], k: usize, f32_job: bool) {
 pub fn npy_f64(rows: usize, cols: usize, data: &[f64]) -> Vec<u8> {
     use ndarray_npy::WriteNpyExt;
     let mut out = Vec::new();
-    ndarray::Array2::from_shape_vec((rows, cols), data.to_vec()).unwrap().write_npy(&mut out).unwrap();
+    ndarray::Array2::from_shape_vec((rows, cols), data.to_vec())
+        .unwrap()
+        .write_npy(&mut out)
+        .unwrap();
     out
 }
 
@@ -376,7 +443,10 @@ pub fn npy_f32(rows: usize, cols: usize, data: &[f64]) -> Vec<u8> {
     use ndarray_npy::WriteNpyExt;
     let mut out = Vec::new();
     let data: Vec<f32> = data.iter().map(|&v| v as f32).collect();
-    ndarray::Array2::from_shape_vec((rows, cols), data).unwrap().write_npy(&mut out).unwrap();
+    ndarray::Array2::from_shape_vec((rows, cols), data)
+        .unwrap()
+        .write_npy(&mut out)
+        .unwrap();
     out
 }
 

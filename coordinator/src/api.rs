@@ -92,12 +92,17 @@ impl MatrixJson {
 }
 
 fn parse_spec(bytes: &[u8], what: &str) -> Result<JobSpec, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("{what} is not valid job JSON: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("{what} is not valid job JSON: {e}")))
 }
 
 /// `POST /api/v1/jobs`: JSON with inline matrices, or `multipart/form-data` with a `spec`
 /// part and `.npy` parts `a`, `b` and optionally `c`.
-pub async fn submit(State(state): State<AppState>, caller: Caller, request: Request) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
     caller.require(&[Role::Submitter, Role::Admin], "submit jobs")?;
     let content_type = request
         .headers()
@@ -126,24 +131,41 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, request: Requ
             .take()
             .ok_or_else(|| ApiError::bad_request("matrix `b` is missing"))?
             .into_matrix("b", dtype)?;
-        let c = spec.c.take().map(|c| c.into_matrix("c", dtype)).transpose()?;
+        let c = spec
+            .c
+            .take()
+            .map(|c| c.into_matrix("c", dtype))
+            .transpose()?;
         (spec, a, b, c)
     } else {
         return Err(ApiError::bad_request(format!(
             "unsupported content type {content_type:?}: send application/json or multipart/form-data"
         )));
     };
-    let job = validate(caller.0.sub.clone(), spec, a, b, c)?;
+    let job = validate(caller.0.sub.clone(), spec, a, b, c, state.config.tile_edge)?;
     let prepared = tokio::task::spawn_blocking(move || PreparedJob::new(job))
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("preparing job: {e}")))?;
-    let record = state.grid.submit(prepared).map_err(|e| ApiError::Internal(e.into()))?;
-    tracing::info!(job = record.id, owner = record.owner, m = record.m, n = record.n, k = record.k, "job submitted");
-    let body = json!({ "id": record.id, "state": record.state.name(), "tiles_total": record.tiles_total });
+    let record = state
+        .grid
+        .submit(prepared)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    tracing::info!(
+        job = record.id,
+        owner = record.owner,
+        m = record.m,
+        n = record.n,
+        k = record.k,
+        "job submitted"
+    );
+    let body =
+        json!({ "id": record.id, "state": record.state.name(), "tiles_total": record.tiles_total });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn read_multipart(mut multipart: Multipart) -> Result<(JobSpec, Matrix, Matrix, Option<Matrix>), ApiError> {
+async fn read_multipart(
+    mut multipart: Multipart,
+) -> Result<(JobSpec, Matrix, Matrix, Option<Matrix>), ApiError> {
     let mut spec_bytes = None;
     let mut parts: [Option<Bytes>; 3] = [None, None, None];
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
@@ -187,21 +209,36 @@ async fn read_multipart(mut multipart: Multipart) -> Result<(JobSpec, Matrix, Ma
 
 fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
     if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::TooLarge(format!("request body is over the coordinator's limit: {}", err.body_text()))
+        ApiError::TooLarge(format!(
+            "request body is over the coordinator's limit: {}",
+            err.body_text()
+        ))
     } else {
         ApiError::bad_request(format!("multipart body: {}", err.body_text()))
     }
 }
 
 /// Checks a submission and tiles it.
-fn validate(owner: String, spec: JobSpec, a: Matrix, b: Matrix, c: Option<Matrix>) -> Result<NewJob, ApiError> {
+fn validate(
+    owner: String,
+    spec: JobSpec,
+    a: Matrix,
+    b: Matrix,
+    c: Option<Matrix>,
+    tile_edge: u32,
+) -> Result<NewJob, ApiError> {
     if spec.op != "gemm" {
-        return Err(ApiError::bad_request(format!("unsupported op {:?}: expected \"gemm\"", spec.op)));
+        return Err(ApiError::bad_request(format!(
+            "unsupported op {:?}: expected \"gemm\"",
+            spec.op
+        )));
     }
     let dtype = Dtype::parse(&spec.dtype).map_err(|e| ApiError::bad_request(e.to_string()))?;
     for (name, value) in [("alpha", spec.alpha), ("beta", spec.beta)] {
         if !value.is_finite() {
-            return Err(ApiError::bad_request(format!("{name} must be a finite number")));
+            return Err(ApiError::bad_request(format!(
+                "{name} must be a finite number"
+            )));
         }
     }
     if a.cols != b.rows {
@@ -222,8 +259,14 @@ fn validate(owner: String, spec: JobSpec, a: Matrix, b: Matrix, c: Option<Matrix
     if dims.iter().any(|&d| d > u32::MAX as usize) {
         return Err(ApiError::bad_request("a dimension is over 4294967295"));
     }
-    let plan = TilePlan::for_job(a.rows as u32, b.cols as u32, a.cols as u32, dtype)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let plan = TilePlan::with_edge(
+        a.rows as u32,
+        b.cols as u32,
+        a.cols as u32,
+        dtype,
+        tile_edge,
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(name) = &spec.name
         && name.len() > 200
     {
@@ -279,16 +322,25 @@ fn find_job(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, Ap
             .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?,
     };
     if !caller.is_admin() && record.owner != caller.0.sub {
-        return Err(ApiError::Forbidden(format!("job {id} belongs to another user")));
+        return Err(ApiError::Forbidden(format!(
+            "job {id} belongs to another user"
+        )));
     }
     Ok(record)
 }
 
 /// `GET /api/v1/jobs`
-pub async fn list_jobs(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Submitter, Role::Admin], "list jobs")?;
     let owner = (!caller.is_admin()).then_some(caller.0.sub.as_str());
-    let jobs = state.grid.store().list_jobs(owner).map_err(|e| ApiError::Internal(e.into()))?;
+    let jobs = state
+        .grid
+        .store()
+        .list_jobs(owner)
+        .map_err(|e| ApiError::Internal(e.into()))?;
     let jobs: Vec<Value> = jobs
         .into_iter()
         .map(|r| job_json(&state.grid.live_job(&r.id).unwrap_or(r)))
@@ -297,7 +349,11 @@ pub async fn list_jobs(State(state): State<AppState>, caller: Caller) -> Result<
 }
 
 /// `GET /api/v1/jobs/{id}`
-pub async fn job(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(job_json(&find_job(&state, &caller, &id)?)))
 }
 
@@ -332,7 +388,14 @@ pub async fn result(
             .await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("writing .npy: {e}")))?;
         let disposition = format!("attachment; filename=\"{id}.npy\"");
-        return Ok(([(header::CONTENT_TYPE, NPY.to_owned()), (header::CONTENT_DISPOSITION, disposition)], bytes).into_response());
+        return Ok((
+            [
+                (header::CONTENT_TYPE, NPY.to_owned()),
+                (header::CONTENT_DISPOSITION, disposition),
+            ],
+            bytes,
+        )
+            .into_response());
     }
     let data: Value = match matrix.dtype {
         Dtype::F32 => json!(tabgrid_shared::matrix::f32s(&matrix.data)),
@@ -349,10 +412,18 @@ pub async fn result(
 
 /// `DELETE /api/v1/jobs/{id}`: cancels a running job (its leases are cancelled on the
 /// workers) and deletes it with its result.
-pub async fn delete_job(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     find_job(&state, &caller, &id)?;
     state.grid.cancel(&id);
-    state.grid.store().delete_job(&id).map_err(|e| ApiError::Internal(e.into()))?;
+    state
+        .grid
+        .store()
+        .delete_job(&id)
+        .map_err(|e| ApiError::Internal(e.into()))?;
     tracing::info!(job = id, by = caller.0.sub, "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -384,31 +455,37 @@ pub async fn events(
         error: record.error.clone(),
     };
     // (next progress to send, receiver, finished)
-    let stream = futures_util::stream::unfold((Some(first), receiver, false), move |(next, mut rx, done)| {
-        let id = id.clone();
-        async move {
-            if done {
-                return None;
+    let stream = futures_util::stream::unfold(
+        (Some(first), receiver, false),
+        move |(next, mut rx, done)| {
+            let id = id.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                if let Some(p) = next {
+                    let finished = p.state.is_terminal() || rx.is_none();
+                    return Some((Ok(progress_event(&id, &p)), (None, rx, finished)));
+                }
+                let receiver = rx.as_mut()?;
+                let p = match receiver.changed().await {
+                    Ok(()) => receiver.borrow_and_update().clone(),
+                    // The job left the grid; its last value was already marked changed.
+                    Err(_) => receiver.borrow().clone(),
+                };
+                let finished = p.state.is_terminal();
+                Some((Ok(progress_event(&id, &p)), (None, rx, finished)))
             }
-            if let Some(p) = next {
-                let finished = p.state.is_terminal() || rx.is_none();
-                return Some((Ok(progress_event(&id, &p)), (None, rx, finished)));
-            }
-            let receiver = rx.as_mut()?;
-            let p = match receiver.changed().await {
-                Ok(()) => receiver.borrow_and_update().clone(),
-                // The job left the grid; its last value was already marked changed.
-                Err(_) => receiver.borrow().clone(),
-            };
-            let finished = p.state.is_terminal();
-            Some((Ok(progress_event(&id, &p)), (None, rx, finished)))
-        }
-    });
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 /// `GET /api/v1/workers` (admin).
-pub async fn workers(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn workers(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin], "list workers")?;
     let workers: Vec<Value> = state
         .grid
@@ -438,7 +515,10 @@ pub async fn healthz() -> Json<Value> {
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.grid.metrics().render(),
     )
         .into_response()

@@ -35,7 +35,13 @@ impl Secret {
     /// A fresh random secret (256 bits, hex).
     pub fn generate() -> Secret {
         let bytes: [u8; 32] = rand::random();
-        Secret(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes())
+        Secret(
+            bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .into_bytes(),
+        )
     }
 
     /// The secret from `TABGRID_JWT_SECRET` if given, else the data dir's file, created on
@@ -161,7 +167,11 @@ pub fn unix_now() -> u64 {
 
 /// The bearer token of a request, if any.
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -238,7 +248,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(SECRET_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(SECRET_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let (env, created) = Secret::load_or_create(Some("x".into()), dir.path()).unwrap();

@@ -80,7 +80,11 @@ impl Client {
             .ok()
             .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or(body);
-        bail!("{} {}: {detail}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+        bail!(
+            "{} {}: {detail}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
     }
 
     /// Submits `.npy` files; returns the server's reply (`id`, `state`, `tiles_total`).
@@ -92,7 +96,12 @@ impl Client {
         let dtype = match &job.dtype {
             Some(d) => d.clone(),
             None => npy_dtype(&a)
-                .with_context(|| format!("{} is not float32 or float64; pass --dtype", job.a.display()))?
+                .with_context(|| {
+                    format!(
+                        "{} is not float32 or float64; pass --dtype",
+                        job.a.display()
+                    )
+                })?
                 .to_owned(),
         };
         let spec = json!({
@@ -106,26 +115,40 @@ impl Client {
                 .expect("static media type parses")
         };
         let mut form = Form::new()
-            .part("spec", Part::text(spec.to_string()).mime_str("application/json")?)
+            .part(
+                "spec",
+                Part::text(spec.to_string()).mime_str("application/json")?,
+            )
             .part("a", npy(a, "a"))
             .part("b", npy(b, "b"));
         if let Some(c) = c {
             form = form.part("c", npy(c, "c"));
         }
-        let response = self.send(self.http.post(self.url("/jobs")).multipart(form)).await?;
+        let response = self
+            .send(self.http.post(self.url("/jobs")).multipart(form))
+            .await?;
         Ok(response.json().await?)
     }
 
     pub async fn status(&self, id: &str) -> anyhow::Result<Value> {
-        Ok(self.send(self.http.get(self.url(&format!("/jobs/{id}")))).await?.json().await?)
+        Ok(self
+            .send(self.http.get(self.url(&format!("/jobs/{id}"))))
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn list(&self) -> anyhow::Result<Value> {
-        Ok(self.send(self.http.get(self.url("/jobs"))).await?.json().await?)
+        Ok(self
+            .send(self.http.get(self.url("/jobs")))
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn delete(&self, id: &str) -> anyhow::Result<()> {
-        self.send(self.http.delete(self.url(&format!("/jobs/{id}")))).await?;
+        self.send(self.http.delete(self.url(&format!("/jobs/{id}"))))
+            .await?;
         Ok(())
     }
 
@@ -150,11 +173,19 @@ impl Client {
     /// Follows a job's progress events until it finishes, drawing a progress bar when
     /// `show` is set. Returns the final event.
     pub async fn wait(&self, id: &str, show: bool) -> anyhow::Result<Value> {
-        let response = self.send(self.http.get(self.url(&format!("/jobs/{id}/events")))).await?;
-        let bar = if show { ProgressBar::new(0) } else { ProgressBar::hidden() };
+        let response = self
+            .send(self.http.get(self.url(&format!("/jobs/{id}/events"))))
+            .await?;
+        let bar = if show {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tiles {msg}")
-                .expect("static template parses"),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tiles {msg}",
+            )
+            .expect("static template parses"),
         );
         let mut events = eventsource_stream::EventStream::new(response.bytes_stream());
         let mut last = Value::Null;
@@ -163,7 +194,8 @@ impl Client {
             if event.event != "progress" {
                 continue;
             }
-            let progress: Value = serde_json::from_str(&event.data).context("progress event is not JSON")?;
+            let progress: Value =
+                serde_json::from_str(&event.data).context("progress event is not JSON")?;
             bar.set_length(progress["tiles_total"].as_u64().unwrap_or(0));
             bar.set_position(progress["tiles_done"].as_u64().unwrap_or(0));
             let state = progress["state"].as_str().unwrap_or("").to_owned();
@@ -187,9 +219,11 @@ mod tests {
 
     #[test]
     fn guesses_npy_dtype() {
-        let header = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+        let header =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
         assert_eq!(npy_dtype(header), Some("f32"));
-        let header = b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }";
+        let header =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }";
         assert_eq!(npy_dtype(header), Some("f64"));
         assert_eq!(npy_dtype(b"\x93NUMPY{'descr': '<i8', 'shape': (2,)}"), None);
     }

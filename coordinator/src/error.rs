@@ -85,6 +85,9 @@ pub fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiErr
             rejection.body_text()
         ))
     } else {
-        ApiError::bad_request(format!("could not read the request body: {}", rejection.body_text()))
+        ApiError::bad_request(format!(
+            "could not read the request body: {}",
+            rejection.body_text()
+        ))
     }
 }

@@ -41,7 +41,10 @@ pub enum Outbound {
     /// Encoded by the socket task, outside the grid lock.
     Operand(Arc<OperandData>),
     /// Close the connection with a WebSocket close code and reason.
-    Close { code: u16, reason: String },
+    Close {
+        code: u16,
+        reason: String,
+    },
 }
 
 /// A job's progress as users see it.
@@ -120,7 +123,8 @@ impl PreparedJob {
         let a_panels = (0..plan.tiles_i())
             .map(|i| {
                 let rows = plan.rows(i);
-                let bytes = a_all.slice(rows.start as usize * row_bytes..rows.end as usize * row_bytes);
+                let bytes =
+                    a_all.slice(rows.start as usize * row_bytes..rows.end as usize * row_bytes);
                 operand(dtype, rows.len(), k, bytes)
             })
             .collect();
@@ -131,15 +135,25 @@ impl PreparedJob {
                 operand(dtype, k, cols.len(), Bytes::from(block))
             })
             .collect();
-        let c_tiles = job.operands.c.as_ref().filter(|_| job.beta != 0.0).map(|c| {
-            plan.tiles()
-                .map(|(i, j)| {
-                    let (rows, cols) = (plan.rows(i), plan.cols(j));
-                    let block = c.block(rows.start as usize, cols.start as usize, rows.len(), cols.len());
-                    operand(dtype, rows.len(), cols.len(), Bytes::from(block))
-                })
-                .collect()
-        });
+        let c_tiles = job
+            .operands
+            .c
+            .as_ref()
+            .filter(|_| job.beta != 0.0)
+            .map(|c| {
+                plan.tiles()
+                    .map(|(i, j)| {
+                        let (rows, cols) = (plan.rows(i), plan.cols(j));
+                        let block = c.block(
+                            rows.start as usize,
+                            cols.start as usize,
+                            rows.len(),
+                            cols.len(),
+                        );
+                        operand(dtype, rows.len(), cols.len(), Bytes::from(block))
+                    })
+                    .collect()
+            });
         PreparedJob {
             job,
             a_panels,
@@ -301,7 +315,11 @@ impl Grid {
             done: Vec::new(),
         };
         let mut keys = Vec::new();
-        for data in a_panels.into_iter().chain(b_panels).chain(c_tiles.into_iter().flatten()) {
+        for data in a_panels
+            .into_iter()
+            .chain(b_panels)
+            .chain(c_tiles.into_iter().flatten())
+        {
             keys.push(data.key);
             inner.operands.entry(data.key).or_insert((data, 0)).1 += 1;
         }
@@ -430,7 +448,12 @@ impl Grid {
     }
 
     /// A tile result arrived. `checksum_ok` was computed by the caller, outside the lock.
-    pub fn result(&self, worker: WorkerId, result: TileResult, checksum_ok: bool) -> Result<(), ResultError> {
+    pub fn result(
+        &self,
+        worker: WorkerId,
+        result: TileResult,
+        checksum_ok: bool,
+    ) -> Result<(), ResultError> {
         let mut inner = self.lock();
         let now = self.now();
         let (job_id, tile) = match inner.scheduler.lease(worker, result.lease)? {
@@ -447,7 +470,10 @@ impl Grid {
             });
             return Ok(());
         }
-        let job = inner.jobs.get(&job_id).expect("open tiles belong to live jobs");
+        let job = inner
+            .jobs
+            .get(&job_id)
+            .expect("open tiles belong to live jobs");
         let (rows, cols) = (job.plan.rows(tile.0), job.plan.cols(tile.1));
         let expected = rows.len() * cols.len() * job.record.dtype.size();
         if result.payload.len() != expected {
@@ -461,9 +487,15 @@ impl Grid {
         if !checksum_ok {
             // Corrupted on the way: not the worker's arithmetic. Compute it again.
             self.metrics.result_refused("checksum");
-            tracing::warn!(worker, lease = result.lease, "result checksum mismatch; tile re-queued");
+            tracing::warn!(
+                worker,
+                lease = result.lease,
+                "result checksum mismatch; tile re-queued"
+            );
             let mut outcome = Ok(());
-            self.step(&mut inner, |s| outcome = s.failed(worker, result.lease, now));
+            self.step(&mut inner, |s| {
+                outcome = s.failed(worker, result.lease, now)
+            });
             return outcome.map_err(Into::into);
         }
         // Verification of the arithmetic (Freivalds) plugs in here before acceptance.
@@ -494,7 +526,9 @@ impl Grid {
         self.metrics
             .tile_accepted(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0));
         let mut outcome = Ok(false);
-        self.step(&mut inner, |s| outcome = s.accept(worker, result.lease, result.compute_micros, now));
+        self.step(&mut inner, |s| {
+            outcome = s.accept(worker, result.lease, result.compute_micros, now)
+        });
         outcome?;
         Ok(())
     }
@@ -531,7 +565,9 @@ impl Grid {
     fn carry_out(&self, inner: &mut Inner, command: Command) {
         match command {
             Command::SendOperand { worker, key } => {
-                if let (Some(conn), Some((data, _))) = (inner.workers.get(&worker), inner.operands.get(&key)) {
+                if let (Some(conn), Some((data, _))) =
+                    (inner.workers.get(&worker), inner.operands.get(&key))
+                {
                     let _ = conn.outbox.send(Outbound::Operand(data.clone()));
                 }
             }
@@ -626,14 +662,22 @@ impl Grid {
 
     fn update_job_gauges(&self, inner: &Inner) {
         for state in [JobState::Queued, JobState::Running] {
-            let count = inner.jobs.values().filter(|j| j.record.state == state).count();
+            let count = inner
+                .jobs
+                .values()
+                .filter(|j| j.record.state == state)
+                .count();
             self.metrics.set_jobs_active(state.name(), count as i64);
         }
     }
 
     fn update_worker_gauges(&self, inner: &Inner) {
         for kind in [WorkerKind::Native, WorkerKind::Browser] {
-            let count = inner.workers.values().filter(|w| w.info.kind == kind).count();
+            let count = inner
+                .workers
+                .values()
+                .filter(|w| w.info.kind == kind)
+                .count();
             self.metrics.set_workers(kind.name(), count as i64);
         }
     }

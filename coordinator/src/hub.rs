@@ -59,12 +59,21 @@ pub async fn worker_socket(
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
-            Session { state, socket, peer }.run(header_claims).await;
+            Session {
+                state,
+                socket,
+                peer,
+            }
+            .run(header_claims)
+            .await;
         })
 }
 
 fn bearer_header(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -191,7 +200,10 @@ impl Session {
                 .verify(token)
                 .map_err(|err| Refusal::policy(format!("invalid token: {err}")))?,
             (None, None) => {
-                return Err(Refusal::policy(format!("invalid token: {}", TokenError::Missing)));
+                return Err(Refusal::policy(format!(
+                    "invalid token: {}",
+                    TokenError::Missing
+                )));
             }
         };
         match claims.role {
@@ -289,10 +301,11 @@ impl Session {
             }
             ToCoordinator::Result(result) => {
                 let checksum_ok = protocol::checksum(&result.payload) == result.checksum;
-                grid.result(worker, result, checksum_ok).map_err(|err| match err {
-                    ResultError::Violation(v) => violation(v),
-                    other => Refusal::protocol(other.to_string()),
-                })
+                grid.result(worker, result, checksum_ok)
+                    .map_err(|err| match err {
+                        ResultError::Violation(v) => violation(v),
+                        other => Refusal::protocol(other.to_string()),
+                    })
             }
         }
     }
@@ -309,7 +322,10 @@ impl Session {
         let _ = self
             .socket
             .send(Message::Binary(
-                protocol::encode(&ToWorker::Close { reason: reason.clone() }).into(),
+                protocol::encode(&ToWorker::Close {
+                    reason: reason.clone(),
+                })
+                .into(),
             ))
             .await;
         let _ = self
@@ -330,10 +346,12 @@ async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
 
 fn oversized(err: &axum::Error) -> Option<Refusal> {
     let text = err.to_string();
-    (text.contains("too long") || text.contains("too big") || text.contains("Space limit")).then(|| Refusal {
-        code: close_code::TOO_BIG,
-        reason: format!("frame over the limit of {MAX_FRAME_BYTES} bytes"),
-    })
+    (text.contains("too long") || text.contains("too big") || text.contains("Space limit")).then(
+        || Refusal {
+            code: close_code::TOO_BIG,
+            reason: format!("frame over the limit of {MAX_FRAME_BYTES} bytes"),
+        },
+    )
 }
 
 fn socket_error(err: axum::Error) -> Refusal {

@@ -61,6 +61,9 @@ struct ServerArgs {
     /// Shortest lease, milliseconds (tests shorten it to exercise expiry).
     #[arg(long, default_value_t = 15_000, hide = true)]
     lease_floor_ms: u64,
+    /// Preferred tile edge (benchmarks shrink it to measure per-tile overhead).
+    #[arg(long, default_value_t = tabgrid_shared::tiling::PREFERRED_EDGE, hide = true)]
+    tile_edge: u32,
 }
 
 #[derive(Args)]
@@ -155,14 +158,17 @@ struct ResultArgs {
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
-    Role::parse(s).ok_or_else(|| format!("unknown role {s:?}: expected admin, submitter or volunteer"))
+    Role::parse(s)
+        .ok_or_else(|| format!("unknown role {s:?}: expected admin, submitter or volunteer"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size like 512MiB"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512MiB"))?;
     let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -173,7 +179,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[tokio::main]
@@ -202,13 +209,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if created {
                 eprintln!("created a new secret in {}", args.data_dir.display());
             }
-            println!("{}", Keys::new(&secret).mint(&args.subject, args.role, args.ttl));
+            println!(
+                "{}",
+                Keys::new(&secret).mint(&args.subject, args.role, args.ttl)
+            );
             Ok(())
         }
         Command::Submit(args) => submit(args).await,
         Command::Status(args) => {
             let client = Client::new(&args.client.url, &args.client.token)?;
-            println!("{}", serde_json::to_string_pretty(&client.status(&args.id).await?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.status(&args.id).await?)?
+            );
             Ok(())
         }
         Command::Jobs(args) => {
@@ -255,7 +268,10 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             name: args.name,
         })
         .await?;
-    let id = reply["id"].as_str().context("the coordinator's reply has no job id")?.to_owned();
+    let id = reply["id"]
+        .as_str()
+        .context("the coordinator's reply has no job id")?
+        .to_owned();
     if !(args.wait || args.output.is_some()) {
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
@@ -264,7 +280,10 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let last = client.wait(&id, true).await?;
     let state = last["state"].as_str().unwrap_or("unknown");
     if state != "done" {
-        anyhow::bail!("job {id} ended {state}: {}", last["error"].as_str().unwrap_or("no reason given"));
+        anyhow::bail!(
+            "job {id} ended {state}: {}",
+            last["error"].as_str().unwrap_or("no reason given")
+        );
     }
     match args.output {
         Some(path) => {
@@ -284,6 +303,7 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
     let config = ServeConfig {
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         heartbeat_secs: args.heartbeat_secs.max(1),
+        tile_edge: args.tile_edge.max(1),
         ..ServeConfig::default()
     };
     let scheduler = SchedulerConfig {
@@ -302,7 +322,11 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         writeln!(out, "tabgrid listening on {url}")?;
         if created || workers > 0 {
             let token = keys.mint("admin", Role::Admin, Duration::from_secs(24 * 3600));
-            let why = if created { "new secret; shown once" } else { "valid 24h" };
+            let why = if created {
+                "new secret; shown once"
+            } else {
+                "valid 24h"
+            };
             writeln!(out, "admin token ({why}):\n{token}")?;
             writeln!(out, "try: export TABGRID_URL={url} TABGRID_TOKEN={token}")?;
         }
@@ -312,9 +336,13 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
     let mut tasks = Vec::new();
     if workers > 0 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = threads.unwrap_or((cores / workers).max(1));
+        let threads = threads.unwrap_or(cores.checked_div(workers).unwrap_or(1).max(1));
         for n in 0..workers {
-            let token = keys.mint(&format!("cluster-worker-{n}"), Role::Volunteer, Duration::from_secs(365 * 24 * 3600));
+            let token = keys.mint(
+                &format!("cluster-worker-{n}"),
+                Role::Volunteer,
+                Duration::from_secs(365 * 24 * 3600),
+            );
             let config = tabgrid_worker::WorkerConfig::new(vec![url.clone()], Some(token), threads);
             let mut stop = stop_workers.subscribe();
             tasks.push(tokio::spawn(async move {
@@ -328,7 +356,10 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         }
         tracing::info!(workers, threads, "native workers started");
     }
-    coordinator.serve(listener, shutdown_signal()).await.context("serving")?;
+    coordinator
+        .serve(listener, shutdown_signal())
+        .await
+        .context("serving")?;
     let _ = stop_workers.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -75,16 +75,32 @@ impl Metrics {
             protocol_violations: Counter::default(),
         };
         let m = &metrics;
-        registry.register("jobs_submitted", "Jobs accepted by POST /jobs", m.jobs_submitted.clone());
-        registry.register("jobs_finished", "Jobs that reached a final state", m.jobs_finished.clone());
+        registry.register(
+            "jobs_submitted",
+            "Jobs accepted by POST /jobs",
+            m.jobs_submitted.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final state",
+            m.jobs_finished.clone(),
+        );
         registry.register("jobs", "Jobs queued or running now", m.jobs_active.clone());
-        registry.register("tiles_assigned", "Tile leases handed to workers", m.tiles_assigned.clone());
+        registry.register(
+            "tiles_assigned",
+            "Tile leases handed to workers",
+            m.tiles_assigned.clone(),
+        );
         registry.register(
             "tiles_speculative",
             "Leases that duplicate a straggling tile",
             m.tiles_speculative.clone(),
         );
-        registry.register("tiles_accepted", "Tile results accepted", m.tiles_accepted.clone());
+        registry.register(
+            "tiles_accepted",
+            "Tile results accepted",
+            m.tiles_accepted.clone(),
+        );
         registry.register(
             "tiles_reassigned",
             "Tiles handed out again after a lease ended without a result",
@@ -95,8 +111,16 @@ impl Metrics {
             "Tile results refused (wrong size, bad checksum)",
             m.results_refused.clone(),
         );
-        registry.register("workers", "Workers connected now", m.workers_connected.clone());
-        registry.register("ws_bytes_sent", "WebSocket payload bytes sent to workers", m.bytes_sent.clone());
+        registry.register(
+            "workers",
+            "Workers connected now",
+            m.workers_connected.clone(),
+        );
+        registry.register(
+            "ws_bytes_sent",
+            "WebSocket payload bytes sent to workers",
+            m.bytes_sent.clone(),
+        );
         registry.register(
             "ws_bytes_received",
             "WebSocket payload bytes received from workers",
@@ -112,7 +136,11 @@ impl Metrics {
             "Time from a lease's assignment to its accepted result",
             m.lease_seconds.clone(),
         );
-        registry.register("auth_failures", "Requests or workers refused for their token", m.auth_failures.clone());
+        registry.register(
+            "auth_failures",
+            "Requests or workers refused for their token",
+            m.auth_failures.clone(),
+        );
         registry.register(
             "protocol_violations",
             "Worker connections closed for breaking the protocol",
@@ -137,11 +165,15 @@ impl Metrics {
     }
 
     pub fn job_finished(&self, state: &'static str) {
-        self.jobs_finished.get_or_create(&StateLabel { state }).inc();
+        self.jobs_finished
+            .get_or_create(&StateLabel { state })
+            .inc();
     }
 
     pub fn set_jobs_active(&self, state: &'static str, count: i64) {
-        self.jobs_active.get_or_create(&StateLabel { state }).set(count);
+        self.jobs_active
+            .get_or_create(&StateLabel { state })
+            .set(count);
     }
 
     pub fn tile_accepted(&self, lease_seconds: f64) {
@@ -150,11 +182,15 @@ impl Metrics {
     }
 
     pub fn result_refused(&self, reason: &'static str) {
-        self.results_refused.get_or_create(&ReasonLabel { reason }).inc();
+        self.results_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn set_workers(&self, kind: &'static str, count: i64) {
-        self.workers_connected.get_or_create(&KindLabel { kind }).set(count);
+        self.workers_connected
+            .get_or_create(&KindLabel { kind })
+            .set(count);
     }
 
     pub fn bytes_sent(&self, bytes: usize) {
@@ -176,15 +212,19 @@ impl Metrics {
     /// Carries the scheduler's counters over, given their values before and after a step.
     pub fn scheduler_step(&self, before: Stats, after: Stats) {
         self.tiles_assigned.inc_by(after.assigned - before.assigned);
-        self.tiles_speculative.inc_by(after.speculative - before.speculative);
-        self.operand_bytes_sent.inc_by(after.operand_bytes_sent - before.operand_bytes_sent);
+        self.tiles_speculative
+            .inc_by(after.speculative - before.speculative);
+        self.operand_bytes_sent
+            .inc_by(after.operand_bytes_sent - before.operand_bytes_sent);
         for (reason, delta) in [
             ("expired", after.expired - before.expired),
             ("disconnected", after.returned - before.returned),
             ("failed", after.failed - before.failed),
         ] {
             if delta > 0 {
-                self.tiles_reassigned.get_or_create(&ReasonLabel { reason }).inc_by(delta);
+                self.tiles_reassigned
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc_by(delta);
             }
         }
     }

@@ -36,16 +36,28 @@ pub fn read(part: &str, bytes: &[u8], dtype: Dtype) -> Result<Matrix, NpyError> 
     };
     let (rows, cols, standard, data) = match dtype {
         Dtype::F32 => {
-            let array = Array2::<f32>::read_npy(Cursor::new(bytes)).map_err(|e| fail(describe(e)))?;
+            let array =
+                Array2::<f32>::read_npy(Cursor::new(bytes)).map_err(|e| fail(describe(e)))?;
             let (r, c) = array.dim();
             let standard = array.is_standard_layout();
-            (r, c, standard, f32_bytes(array.as_slice_memory_order().unwrap_or(&[])))
+            (
+                r,
+                c,
+                standard,
+                f32_bytes(array.as_slice_memory_order().unwrap_or(&[])),
+            )
         }
         Dtype::F64 => {
-            let array = Array2::<f64>::read_npy(Cursor::new(bytes)).map_err(|e| fail(describe(e)))?;
+            let array =
+                Array2::<f64>::read_npy(Cursor::new(bytes)).map_err(|e| fail(describe(e)))?;
             let (r, c) = array.dim();
             let standard = array.is_standard_layout();
-            (r, c, standard, f64_bytes(array.as_slice_memory_order().unwrap_or(&[])))
+            (
+                r,
+                c,
+                standard,
+                f64_bytes(array.as_slice_memory_order().unwrap_or(&[])),
+            )
         }
     };
     if !standard {
@@ -86,7 +98,9 @@ mod tests {
         assert!(err.starts_with("part `b`:"), "{err}");
         assert!(err.contains("f64"), "{err}");
 
-        let err = read("a", &bytes[..bytes.len() - 3], Dtype::F32).unwrap_err().to_string();
+        let err = read("a", &bytes[..bytes.len() - 3], Dtype::F32)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("part `a`"), "{err}");
 
         use ndarray::ShapeBuilder;

@@ -20,8 +20,8 @@
 //! - The coordinator mirrors each worker's operand cache exactly: it sends a panel only
 //!   when the worker lacks it and tells the worker what to forget when its cache is full.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 
 use tabgrid_shared::protocol::{LeaseId, MAX_SLOTS, OperandKey};
 use tabgrid_shared::tiling::TilePlan;
@@ -324,7 +324,10 @@ impl Scheduler {
                 .push((id, Side::Col(j as u32)));
         }
         for panel in tiles.c_tiles.iter().flatten() {
-            self.panels.entry(panel.key).or_default().push((id, Side::C));
+            self.panels
+                .entry(panel.key)
+                .or_default()
+                .push((id, Side::C));
         }
         self.job_seq += 1;
         let total = tiles.plan.tile_count() as usize;
@@ -498,11 +501,11 @@ impl Scheduler {
 
     /// Whether a tile still needs a result.
     pub fn tile_open(&self, job: JobId, tile: TileIndex) -> bool {
-        self.jobs
-            .get(&job)
-            .is_some_and(|j| tile.0 < j.tiles.plan.tiles_i()
+        self.jobs.get(&job).is_some_and(|j| {
+            tile.0 < j.tiles.plan.tiles_i()
                 && tile.1 < j.tiles.plan.tiles_j()
-                && !j.done[j.tile_slot(tile)])
+                && !j.done[j.tile_slot(tile)]
+        })
     }
 
     /// A verified result for `lease` was accepted: the tile is done, other copies are
@@ -565,7 +568,12 @@ impl Scheduler {
 
     /// The worker could not compute `lease`, or its result was refused: the tile goes back
     /// to the queue.
-    pub fn failed(&mut self, worker: WorkerId, lease: LeaseId, now: Millis) -> Result<(), Violation> {
+    pub fn failed(
+        &mut self,
+        worker: WorkerId,
+        lease: LeaseId,
+        now: Millis,
+    ) -> Result<(), Violation> {
         self.lease(worker, lease)?;
         self.forget_lease(worker, lease);
         if let Some(l) = self.leases.remove(&lease) {
@@ -774,7 +782,14 @@ impl Scheduler {
         best.map(|(_, _, job, tile)| (job, tile))
     }
 
-    fn assign(&mut self, worker: WorkerId, job_id: JobId, tile: TileIndex, speculative: bool, now: Millis) {
+    fn assign(
+        &mut self,
+        worker: WorkerId,
+        job_id: JobId,
+        tile: TileIndex,
+        speculative: bool,
+        now: Millis,
+    ) {
         let job = self.jobs.get_mut(&job_id).expect("picked from live jobs");
         job.take_pending(tile);
         job.last_assigned = now;
@@ -785,11 +800,14 @@ impl Scheduler {
         job.active.entry(tile).or_default().push(id);
         job.active_count += 1;
 
-        let state = self.workers.get_mut(&worker).expect("dispatching a live worker");
+        let state = self
+            .workers
+            .get_mut(&worker)
+            .expect("dispatching a live worker");
         state.credits -= 1;
         let expected_ms = (flops / (state.gflops * 1e6)).ceil() as Millis;
-        let deadline_ms = self.config.lease_floor_ms
-            + (expected_ms as f64 * self.config.lease_factor) as Millis;
+        let deadline_ms =
+            self.config.lease_floor_ms + (expected_ms as f64 * self.config.lease_factor) as Millis;
         state.leases.insert(id);
         let needed: Vec<Panel> = [Some(a), Some(b), c].into_iter().flatten().collect();
         self.provide(worker, &needed);

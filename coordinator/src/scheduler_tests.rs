@@ -259,7 +259,10 @@ impl Harness {
 
     /// `worker` reports a verified result for `lease`.
     fn accept(&mut self, worker: WorkerId, lease: LeaseId) -> (bool, Vec<Command>) {
-        let status = self.sched.lease(worker, lease).expect("a lease of this worker");
+        let status = self
+            .sched
+            .lease(worker, lease)
+            .expect("a lease of this worker");
         let fresh = self
             .sched
             .accept(worker, lease, 1000, self.now)
@@ -352,7 +355,8 @@ impl Harness {
                             .flat_map(|l| [Some(l.a), Some(l.b), l.c])
                             .flatten()
                             .collect();
-                        let live_bytes: u64 = live.iter().map(|k| v.held.get(k).unwrap_or(&0)).sum();
+                        let live_bytes: u64 =
+                            live.iter().map(|k| v.held.get(k).unwrap_or(&0)).sum();
                         assert!(
                             v.held_bytes() <= v.cache_bytes.max(live_bytes),
                             "worker {} holds {} bytes over its cap of {} (live leases need {live_bytes})",
@@ -605,7 +609,10 @@ fn lease_deadlines_follow_the_worker_speed() {
     for (worker, gflops, deadline) in speeds {
         h.join(worker, gflops, BIG_CACHE);
         let a = only_assignment(&h.ready(worker, 1));
-        assert_eq!(a.deadline_ms, deadline, "worker {worker} at {gflops} GFLOP/s");
+        assert_eq!(
+            a.deadline_ms, deadline,
+            "worker {worker} at {gflops} GFLOP/s"
+        );
         assert!(a.deadline_ms >= config().lease_floor_ms);
     }
 }
@@ -688,10 +695,7 @@ fn a_disconnect_returns_leases_to_an_idle_worker_at_once() {
         h.sched.accept(1, gone[0].lease, 1000, h.now),
         Err(Violation::ForeignLease(gone[0].lease))
     );
-    assert_eq!(
-        h.sched.ready(1, 1, h.now),
-        Err(Violation::UnknownWorker(1))
-    );
+    assert_eq!(h.sched.ready(1, 1, h.now), Err(Violation::UnknownWorker(1)));
     h.run_to_completion(2, 1);
     assert!(h.completed.contains(&1));
 }
@@ -714,7 +718,10 @@ fn idle_workers_duplicate_stragglers_up_to_max_copies() {
     let copies = assignments(&h.tick(20));
     assert!(copies.iter().all(|a| a.speculative));
     assert_eq!(
-        copies.iter().map(|a| (a.worker, a.tile)).collect::<Vec<_>>(),
+        copies
+            .iter()
+            .map(|a| (a.worker, a.tile))
+            .collect::<Vec<_>>(),
         vec![(2, (0, 0)), (3, (0, 1))],
         "one copy per tile: max_copies is 2"
     );
@@ -729,7 +736,10 @@ fn idle_workers_duplicate_stragglers_up_to_max_copies() {
     let (fresh, commands) = h.accept(2, copies[0].lease);
     assert!(fresh);
     assert_eq!(cancels(&commands), vec![(1, own[0].lease)]);
-    assert!(assignments(&commands).is_empty(), "tile (0, 1) already has two copies");
+    assert!(
+        assignments(&commands).is_empty(),
+        "tile (0, 1) already has two copies"
+    );
     assert_eq!(
         h.sched.accept(1, own[0].lease, 1000, h.now),
         Ok(false),
@@ -787,7 +797,10 @@ fn protocol_violations_are_refused() {
         h.sched.accept(2, lease, 1000, 0),
         Err(Violation::ForeignLease(lease))
     );
-    assert_eq!(h.sched.failed(2, lease, 0), Err(Violation::ForeignLease(lease)));
+    assert_eq!(
+        h.sched.failed(2, lease, 0),
+        Err(Violation::ForeignLease(lease))
+    );
     assert_eq!(
         h.sched.accept(1, 999_999, 1000, 0),
         Err(Violation::ForeignLease(999_999))
@@ -831,7 +844,10 @@ fn removing_a_job_cancels_its_leases_and_forgets_its_own_panels() {
     h.add_job(sharing.clone());
     h.join(1, 1.0, BIG_CACHE);
     h.join(2, 1.0, BIG_CACHE);
-    let leases: Vec<LeaseId> = assignments(&h.ready(1, 4)).iter().map(|a| a.lease).collect();
+    let leases: Vec<LeaseId> = assignments(&h.ready(1, 4))
+        .iter()
+        .map(|a| a.lease)
+        .collect();
     assert_eq!(leases.len(), 4);
     assert!(h.volunteers[&1].leases.values().all(|a| a.job == 1));
 
@@ -916,8 +932,16 @@ fn a_full_cache_forgets_least_recently_used_panels_first() {
             let a = only_assignment(&commands);
             order.push(a.tile);
             // A Forget, when any, comes before the operand it makes room for.
-            if let Some(at) = commands.iter().position(|c| matches!(c, Command::Forget { .. })) {
-                assert!(at < commands.iter().position(|c| matches!(c, Command::SendOperand { .. })).expect("a send"));
+            if let Some(at) = commands
+                .iter()
+                .position(|c| matches!(c, Command::Forget { .. }))
+            {
+                assert!(
+                    at < commands
+                        .iter()
+                        .position(|c| matches!(c, Command::SendOperand { .. }))
+                        .expect("a send")
+                );
             }
             assert!(h.volunteers[&1].held_bytes() <= 3 * PANEL);
             h.accept(1, a.lease);
@@ -1037,14 +1061,20 @@ fn simulate(seed: u64) -> Harness {
         .collect();
     // Content shared across jobs: job 5 uses job 1's row panels.
     let rows = jobs[0].plan.tiles_i();
-    jobs[4] = job_with(5, 0, TilePlan::new(rows * EDGE, 3 * EDGE, DEPTH, EDGE, EDGE));
+    jobs[4] = job_with(
+        5,
+        0,
+        TilePlan::new(rows * EDGE, 3 * EDGE, DEPTH, EDGE, EDGE),
+    );
     jobs[4].a_panels = jobs[0].a_panels.clone();
     // A resumed job and an empty one.
     let mut resumed = job(6, 1, 3, 3);
     resumed.done = resumed.plan.tiles().filter(|_| rng.below(2) == 0).collect();
     jobs.push(resumed);
     jobs.push(job_with(7, 0, TilePlan::new(0, 0, DEPTH, EDGE, EDGE)));
-    let arrivals: Vec<u64> = (0..jobs.len()).map(|i| if i < 2 { 0 } else { rng.below(300) }).collect();
+    let arrivals: Vec<u64> = (0..jobs.len())
+        .map(|i| if i < 2 { 0 } else { rng.below(300) })
+        .collect();
     let mut waiting: Vec<(u64, JobTiles)> = arrivals.into_iter().zip(jobs).collect();
 
     let mut next_worker: WorkerId = 1;
@@ -1061,7 +1091,10 @@ fn simulate(seed: u64) -> Harness {
     let mut step = 0;
     while !waiting.is_empty() || h.completed.len() < h.totals.len() {
         step += 1;
-        assert!(step < 100_000, "seed {seed}: no progress after {step} steps");
+        assert!(
+            step < 100_000,
+            "seed {seed}: no progress after {step} steps"
+        );
         let (due, later): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(at, _)| *at <= step);
         waiting = later;
         for (_, tiles) in due {
@@ -1099,7 +1132,10 @@ fn simulate(seed: u64) -> Harness {
     for (&job, &total) in &h.totals {
         assert_eq!(h.sched.progress(job), Some((total, total)), "seed {seed}");
         let accepted = h.accepted.iter().filter(|(j, _)| *j == job).count() as u64;
-        assert_eq!(accepted, total, "seed {seed}: every tile accepted exactly once");
+        assert_eq!(
+            accepted, total,
+            "seed {seed}: every tile accepted exactly once"
+        );
     }
     assert_eq!(completions(&h.log).len(), h.totals.len());
     h

@@ -12,6 +12,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -30,6 +31,8 @@ pub struct ServeConfig {
     pub heartbeat_secs: u32,
     /// How often expired leases are reaped.
     pub tick: Duration,
+    /// Preferred tile edge (benchmarks shrink it to measure per-tile overhead).
+    pub tile_edge: u32,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +41,7 @@ impl Default for ServeConfig {
             max_body: 1 << 30,
             heartbeat_secs: 5,
             tick: Duration::from_millis(200),
+            tile_edge: tabgrid_shared::tiling::PREFERRED_EDGE,
         }
     }
 }
@@ -73,7 +77,10 @@ pub fn app(state: AppState) -> Router {
         // Bodies are streamed through the limit, and a declared length over it is refused
         // before a byte is read.
         .layer(DefaultBodyLimit::max(state.config.max_body))
-        .layer(middleware::from_fn_with_state(state.clone(), refuse_oversized))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_oversized,
+        ))
         .with_state(state)
 }
 
@@ -113,6 +120,13 @@ pub async fn run(
         }
     });
     let router = app(state);
+    // Worker frames are small and latency-bound (a result, then the next assignment):
+    // Nagle's algorithm would hold them back waiting for ACKs.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<std::net::SocketAddr>(),

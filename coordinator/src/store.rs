@@ -43,7 +43,10 @@ impl JobState {
     }
 
     pub const fn is_terminal(self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -126,7 +129,9 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, MemoryJob>> {
         // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
-        self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

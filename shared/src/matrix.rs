@@ -89,7 +89,12 @@ pub fn byte_len(dtype: Dtype, rows: usize, cols: usize) -> Result<usize, MatrixE
 
 impl Matrix {
     /// Wraps bytes, checking that their length matches the shape.
-    pub fn new(dtype: Dtype, rows: usize, cols: usize, data: Vec<u8>) -> Result<Matrix, MatrixError> {
+    pub fn new(
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Matrix, MatrixError> {
         let expected = byte_len(dtype, rows, cols)?;
         if data.len() != expected {
             return Err(MatrixError::Length {
@@ -145,7 +150,10 @@ impl Matrix {
     /// # Panics
     /// When the block is not inside the matrix (callers cut blocks from a checked plan).
     pub fn block(&self, r0: usize, c0: usize, rows: usize, cols: usize) -> Vec<u8> {
-        assert!(r0 + rows <= self.rows && c0 + cols <= self.cols, "block outside matrix");
+        assert!(
+            r0 + rows <= self.rows && c0 + cols <= self.cols,
+            "block outside matrix"
+        );
         let size = self.dtype.size();
         let row_bytes = self.row_bytes();
         let mut out = Vec::with_capacity(rows * cols * size);
@@ -162,10 +170,17 @@ impl Matrix {
     /// When the block is not inside the matrix or `block` has the wrong length.
     pub fn write_block(&mut self, r0: usize, c0: usize, rows: usize, cols: usize, block: &[u8]) {
         let size = self.dtype.size();
-        assert!(r0 + rows <= self.rows && c0 + cols <= self.cols, "block outside matrix");
+        assert!(
+            r0 + rows <= self.rows && c0 + cols <= self.cols,
+            "block outside matrix"
+        );
         assert_eq!(block.len(), rows * cols * size, "block length");
         let row_bytes = self.row_bytes();
-        for (r, src) in block.chunks_exact(cols * size.max(1)).enumerate().take(rows) {
+        for (r, src) in block
+            .chunks_exact(cols * size.max(1))
+            .enumerate()
+            .take(rows)
+        {
             let start = (r0 + r) * row_bytes + c0 * size;
             self.data[start..start + cols * size].copy_from_slice(src);
         }
@@ -174,26 +189,58 @@ impl Matrix {
 
 /// Decodes little-endian f32 bytes (a trailing partial element is ignored).
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    let whole = &bytes[..bytes.len() / 4 * 4];
+    // On little-endian targets (x86_64, aarch64, wasm32) the wire layout is the memory
+    // layout: one copy, no per-element work. This sits on every operand and result path.
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck::pod_collect_to_vec(whole)
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        whole
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
 }
 
 /// Decodes little-endian f64 bytes (a trailing partial element is ignored).
 pub fn f64s(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(8)
-        .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-        .collect()
+    let whole = &bytes[..bytes.len() / 8 * 8];
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck::pod_collect_to_vec(whole)
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        whole
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect()
+    }
 }
 
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck::cast_slice(values).to_vec()
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
 }
 
 pub fn f64_bytes(values: &[f64]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck::cast_slice(values).to_vec()
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -207,13 +254,24 @@ mod tests {
         let block = m.block(1, 1, 2, 2);
         assert_eq!(f64s(&block), vec![5.0, 6.0, 9.0, 10.0]);
         m.write_block(0, 2, 2, 2, &block);
-        assert_eq!(m.to_f64_vec()[..8], [0.0, 1.0, 5.0, 6.0, 4.0, 5.0, 9.0, 10.0]);
+        assert_eq!(
+            m.to_f64_vec()[..8],
+            [0.0, 1.0, 5.0, 6.0, 4.0, 5.0, 9.0, 10.0]
+        );
     }
 
     #[test]
     fn length_mismatch_names_shape() {
         let err = Matrix::new(Dtype::F32, 2, 3, vec![0; 20]).unwrap_err();
-        assert_eq!(err.to_string(), "data holds 20 bytes but a 2x3 f32 matrix needs 24");
-        assert!(Dtype::parse("int8").unwrap_err().to_string().contains("int8"));
+        assert_eq!(
+            err.to_string(),
+            "data holds 20 bytes but a 2x3 f32 matrix needs 24"
+        );
+        assert!(
+            Dtype::parse("int8")
+                .unwrap_err()
+                .to_string()
+                .contains("int8")
+        );
     }
 }

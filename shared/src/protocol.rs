@@ -156,12 +156,18 @@ pub enum ToWorker {
     /// A panel to cache under its key until told to forget it.
     Operand(Operand),
     /// Drop these panels; the coordinator mirrors the worker's cache exactly.
-    Forget { keys: Vec<OperandKey> },
+    Forget {
+        keys: Vec<OperandKey>,
+    },
     Assign(Assign),
     /// Stop working on a lease; its result is no longer wanted.
-    Cancel { lease: LeaseId },
+    Cancel {
+        lease: LeaseId,
+    },
     /// The coordinator is closing this connection, and why.
-    Close { reason: String },
+    Close {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,7 +196,11 @@ pub struct Operand {
 
 impl fmt::Debug for Operand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Operand({:?} {}x{} {})", self.key, self.rows, self.cols, self.dtype)
+        write!(
+            f,
+            "Operand({:?} {}x{} {})",
+            self.key, self.rows, self.cols, self.dtype
+        )
     }
 }
 
@@ -331,10 +341,7 @@ mod tests {
             [0, 1, 2, 3, 4]
         );
         assert_eq!(encode(&ToWorker::Cancel { lease: 5 }), [4, 5]);
-        assert_eq!(
-            encode(&ToWorker::Close { reason: "r".into() }),
-            [5, 1, 114]
-        );
+        assert_eq!(encode(&ToWorker::Close { reason: "r".into() }), [5, 1, 114]);
     }
 
     #[test]

@@ -73,7 +73,13 @@ impl TilePlan {
         }
         let fit = (MAX_PANEL_BYTES / line.max(1)).min(u32::MAX as usize) as u32;
         let edge = edge.max(1).min(fit);
-        Ok(TilePlan::new(m, n, k, edge.min(m.max(1)), edge.min(n.max(1))))
+        Ok(TilePlan::new(
+            m,
+            n,
+            k,
+            edge.min(m.max(1)),
+            edge.min(n.max(1)),
+        ))
     }
 
     /// Number of tile rows.

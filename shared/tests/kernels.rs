@@ -354,7 +354,7 @@ fn larger_fixed_shapes() {
         in_pool(|| check_case::<f64>(&case, f64::EPSILON)).unwrap();
         let overwrite = Case {
             beta: 0.0,
-            layouts: [Layout::ColMajor, Layout::RowMajor, Layout::RowMajor],
+            layouts: [Layout::ColMajor, Layout::RowMajor, Layout::ColMajor],
             ..case
         };
         in_pool(|| check_case::<f64>(&overwrite, f64::EPSILON)).unwrap();
@@ -603,8 +603,12 @@ fn views_transpose_slice_and_split() {
     let mut out = vec![0.0f64; 24];
     let col_major = MatMut::new(&mut out, 4, 6, 1, 4).unwrap();
     assert!(!col_major.rows_are_disjoint());
-    let (top, bottom) = col_major.split_rows_at(4);
-    assert_eq!((top.rows(), bottom.rows()), (4, 0));
+    let mut row_major = col_major.t();
+    assert!(row_major.rows_are_disjoint());
+    row_major.set(5, 2, 4.0);
+    let (top, bottom) = row_major.split_rows_at(6);
+    assert_eq!((top.rows(), bottom.rows()), (6, 0));
+    assert_eq!(out[5 * 4 + 2], 4.0);
 }
 
 #[test]

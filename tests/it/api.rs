@@ -25,12 +25,24 @@ async fn post(c: &Coordinator, bearer: Option<&str>, body: &Value) -> (StatusCod
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn multipart(c: &Coordinator, bearer: &str, spec: Value, parts: Vec<(&'static str, Vec<u8>)>) -> (StatusCode, Value) {
+async fn multipart(
+    c: &Coordinator,
+    bearer: &str,
+    spec: Value,
+    parts: Vec<(&'static str, Vec<u8>)>,
+) -> (StatusCode, Value) {
     let mut form = Form::new().part("spec", Part::text(spec.to_string()));
     for (name, bytes) in parts {
         form = form.part(name, Part::bytes(bytes).file_name(format!("{name}.npy")));
     }
-    let response = c.http.post(c.api("/jobs")).bearer_auth(bearer).multipart(form).send().await.unwrap();
+    let response = c
+        .http
+        .post(c.api("/jobs"))
+        .bearer_auth(bearer)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -62,13 +74,19 @@ async fn bad_input_gets_400_naming_the_part() {
     body["a"]["data"] = json!([1.0, 2.0]);
     let (status, reply) = post(&c, Some(&t), &body).await;
     assert_eq!(status, 400);
-    assert!(detail(&reply).contains("a: data has 2 values but shape [2, 3] needs 6"), "{reply}");
+    assert!(
+        detail(&reply).contains("a: data has 2 values but shape [2, 3] needs 6"),
+        "{reply}"
+    );
 
     let mut body = job(2, 3, 4);
     body["c"] = json!({"shape": [3, 3], "data": random_matrix(3, 3, 3)});
     let (status, reply) = post(&c, Some(&t), &body).await;
     assert_eq!(status, 400);
-    assert!(detail(&reply).contains("C is 3x3 but A·B is 2x4"), "{reply}");
+    assert!(
+        detail(&reply).contains("C is 3x3 but A·B is 2x4"),
+        "{reply}"
+    );
 
     let response = c
         .http
@@ -95,22 +113,37 @@ async fn bad_input_gets_400_naming_the_part() {
     let b = npy_f32(3, 2, &random_matrix(3, 2, 2));
     let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", a), ("b", b.clone())]).await;
     assert_eq!(status, 400);
-    assert!(detail(&reply).starts_with("part `a`:") && detail(&reply).contains("f32"), "{reply}");
+    assert!(
+        detail(&reply).starts_with("part `a`:") && detail(&reply).contains("f32"),
+        "{reply}"
+    );
 
     let fortran = {
         use ndarray::ShapeBuilder;
         use ndarray_npy::WriteNpyExt;
         let mut out = Vec::new();
-        ndarray::Array2::<f32>::zeros((2, 3).f()).write_npy(&mut out).unwrap();
+        ndarray::Array2::<f32>::zeros((2, 3).f())
+            .write_npy(&mut out)
+            .unwrap();
         out
     };
-    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", fortran), ("b", b.clone())]).await;
+    let (status, reply) =
+        multipart(&c, &t, spec.clone(), vec![("a", fortran), ("b", b.clone())]).await;
     assert_eq!(status, 400);
-    assert!(detail(&reply).contains("part `a`") && detail(&reply).contains("Fortran"), "{reply}");
+    assert!(
+        detail(&reply).contains("part `a`") && detail(&reply).contains("Fortran"),
+        "{reply}"
+    );
 
     let good_a = npy_f32(2, 3, &random_matrix(2, 3, 1));
     let truncated = good_a[..good_a.len() - 5].to_vec();
-    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", good_a.clone()), ("b", truncated)]).await;
+    let (status, reply) = multipart(
+        &c,
+        &t,
+        spec.clone(),
+        vec![("a", good_a.clone()), ("b", truncated)],
+    )
+    .await;
     assert_eq!(status, 400);
     assert!(detail(&reply).starts_with("part `b`:"), "{reply}");
 
@@ -118,11 +151,23 @@ async fn bad_input_gets_400_naming_the_part() {
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("part `b` is missing"), "{reply}");
 
-    let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", good_a.clone()), ("b", b.clone()), ("x", vec![1])]).await;
+    let (status, reply) = multipart(
+        &c,
+        &t,
+        spec.clone(),
+        vec![("a", good_a.clone()), ("b", b.clone()), ("x", vec![1])],
+    )
+    .await;
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("unknown part `x`"), "{reply}");
 
-    let (status, reply) = multipart(&c, &t, spec, vec![("a", good_a), ("b", npy_f32(2, 2, &[1.0; 4]))]).await;
+    let (status, reply) = multipart(
+        &c,
+        &t,
+        spec,
+        vec![("a", good_a), ("b", npy_f32(2, 2, &[1.0; 4]))],
+    )
+    .await;
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("A is 2x3 and B is 2x2"), "{reply}");
 
@@ -130,29 +175,56 @@ async fn bad_input_gets_400_naming_the_part() {
     assert!(c.alive(), "the coordinator survived bad input");
 }
 
+/// Sends raw HTTP/1.1 bytes and returns the response's status line and body.
+async fn raw_http(c: &Coordinator, head: &str, body_chunks: &[&[u8]]) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&c.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body_chunks {
+        // The server may answer and close before it has read everything; that is the point.
+        if stream.write_all(chunk).await.is_err() {
+            break;
+        }
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
 #[tokio::test]
 async fn oversized_bodies_get_413() {
     let c = Coordinator::start(&["--max-body", "64KiB"]).await;
     let t = token("ada", Role::Submitter);
-    let (status, reply) = post(&c, Some(&t), &job(100, 100, 2)).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(reply["error"], "too_large");
 
-    // A chunked body has no declared length: refused while streaming.
-    let chunks = futures_util::stream::iter((0..200).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
-    let response = c
-        .http
-        .post(c.api("/jobs"))
-        .bearer_auth(&t)
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A declared length over the limit is refused before a byte of the body is sent.
+    let head = format!(
+        "POST /api/v1/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: application/json\r\ncontent-length: 10000000000\r\nconnection: close\r\n\r\n"
+    );
+    let (status, body) = raw_http(&c, &head, &[]).await;
+    assert!(status.contains("413"), "{status}");
+    assert!(body.contains("\"too_large\""), "{body}");
+
+    // A chunked body has no declared length: refused once the stream passes the limit.
+    let head = format!(
+        "POST /api/v1/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    let chunk = format!("400\r\n{}\r\n", " ".repeat(1024));
+    let chunks: Vec<&[u8]> = (0..80).map(|_| chunk.as_bytes()).collect();
+    let (status, body) = raw_http(&c, &head, &chunks).await;
+    assert!(status.contains("413"), "{status}");
+    assert!(body.contains("too_large"), "{body}");
 
     let (status, _) = post(&c, Some(&t), &job(10, 10, 2)).await;
-    assert_eq!(status, StatusCode::CREATED, "a body under the limit still goes through");
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "a body under the limit still goes through"
+    );
 }
 
 #[tokio::test]
@@ -189,14 +261,35 @@ async fn tokens_roles_and_ownership() {
 
     let get = |bearer: String, path: String| {
         let c = &c;
-        async move { c.http.get(c.api(&path)).bearer_auth(bearer).send().await.unwrap() }
+        async move {
+            c.http
+                .get(c.api(&path))
+                .bearer_auth(bearer)
+                .send()
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(get(bob.clone(), format!("/jobs/{id}")).await.status(), 403);
-    assert_eq!(get(bob.clone(), format!("/jobs/{id}/result")).await.status(), 403);
-    let response = c.http.delete(c.api(&format!("/jobs/{id}"))).bearer_auth(&bob).send().await.unwrap();
+    assert_eq!(
+        get(bob.clone(), format!("/jobs/{id}/result"))
+            .await
+            .status(),
+        403
+    );
+    let response = c
+        .http
+        .delete(c.api(&format!("/jobs/{id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 403);
     assert_eq!(get(ada.clone(), format!("/jobs/{id}")).await.status(), 200);
-    assert_eq!(get(admin.clone(), format!("/jobs/{id}")).await.status(), 200);
+    assert_eq!(
+        get(admin.clone(), format!("/jobs/{id}")).await.status(),
+        200
+    );
 
     // No worker is connected, so the job cannot be done yet.
     let response = get(ada.clone(), format!("/jobs/{id}/result")).await;
@@ -204,22 +297,62 @@ async fn tokens_roles_and_ownership() {
     let reply: Value = response.json().await.unwrap();
     assert!(detail(&reply).contains("queued"), "{reply}");
 
-    assert_eq!(get(ada.clone(), "/jobs/00000000-0000-0000-0000-000000000000".into()).await.status(), 404);
+    assert_eq!(
+        get(
+            ada.clone(),
+            "/jobs/00000000-0000-0000-0000-000000000000".into()
+        )
+        .await
+        .status(),
+        404
+    );
     let list: Value = get(bob.clone(), "/jobs".into()).await.json().await.unwrap();
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "bob sees only his jobs");
-    let list: Value = get(admin.clone(), "/jobs".into()).await.json().await.unwrap();
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "admin sees all jobs");
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        0,
+        "bob sees only his jobs"
+    );
+    let list: Value = get(admin.clone(), "/jobs".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        1,
+        "admin sees all jobs"
+    );
 
     assert_eq!(get(ada.clone(), "/workers".into()).await.status(), 403);
     assert_eq!(get(admin.clone(), "/workers".into()).await.status(), 200);
 
-    let response = c.http.delete(c.api(&format!("/jobs/{id}"))).bearer_auth(&ada).send().await.unwrap();
+    let response = c
+        .http
+        .delete(c.api(&format!("/jobs/{id}")))
+        .bearer_auth(&ada)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 204);
     assert_eq!(get(ada.clone(), format!("/jobs/{id}")).await.status(), 404);
 
-    let health: Value = c.http.get(c.api("/healthz")).send().await.unwrap().json().await.unwrap();
+    let health: Value = c
+        .http
+        .get(c.api("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     let metrics = c.metrics().await;
-    assert!(metrics.contains("tabgrid_auth_failures_total 3"), "{metrics}");
-    assert!(metrics.contains("tabgrid_jobs_submitted_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("tabgrid_auth_failures_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tabgrid_jobs_submitted_total 1"),
+        "{metrics}"
+    );
 }

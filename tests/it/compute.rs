@@ -20,13 +20,31 @@ struct Case {
 
 impl Case {
     fn new(m: usize, k: usize, n: usize) -> Case {
-        Case { m, k, n, alpha: 1.0, beta: 0.0, with_c: false, f32: false, npy: false }
+        Case {
+            m,
+            k,
+            n,
+            alpha: 1.0,
+            beta: 0.0,
+            with_c: false,
+            f32: false,
+            npy: false,
+        }
     }
 }
 
 /// Submits a case, waits for it and checks the result against the reference.
 async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
-    let Case { m, k, n, alpha, beta, with_c, f32, npy } = *case;
+    let Case {
+        m,
+        k,
+        n,
+        alpha,
+        beta,
+        with_c,
+        f32,
+        npy,
+    } = *case;
     let mut a = random_matrix(m, k, seed);
     let mut b = random_matrix(k, n, seed + 1);
     let mut cm = with_c.then(|| random_matrix(m, n, seed + 2));
@@ -37,7 +55,13 @@ async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
     }
     let dtype = if f32 { "f32" } else { "f64" };
     let request = if npy {
-        let encode = |r, c, d: &[f64]| if f32 { npy_f32(r, c, d) } else { npy_f64(r, c, d) };
+        let encode = |r, c, d: &[f64]| {
+            if f32 {
+                npy_f32(r, c, d)
+            } else {
+                npy_f64(r, c, d)
+            }
+        };
         let spec = json!({"op": "gemm", "dtype": dtype, "alpha": alpha, "beta": beta});
         let mut form = Form::new()
             .part("spec", Part::text(spec.to_string()))
@@ -65,20 +89,41 @@ async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
     assert_eq!(last["state"], "done", "{last}");
     assert_eq!(last["tiles_done"], last["tiles_total"]);
 
-    let want = reference(m, k, n, alpha, &a, &b, beta, cm.as_deref());
+    let want = reference((m, k, n), alpha, &a, &b, beta, cm.as_deref());
     let url = c.api(&format!("/jobs/{id}/result"));
     let got = if npy {
-        let response = c.http.get(&url).bearer_auth(bearer).header("accept", "application/x-npy").send().await.unwrap();
+        let response = c
+            .http
+            .get(&url)
+            .bearer_auth(bearer)
+            .header("accept", "application/x-npy")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "application/x-npy");
         let ((rows, cols), values) = read_npy(&response.bytes().await.unwrap());
         assert_eq!((rows, cols), (m, n));
         values
     } else {
-        let body: Value = c.http.get(&url).bearer_auth(bearer).send().await.unwrap().json().await.unwrap();
+        let body: Value = c
+            .http
+            .get(&url)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(body["shape"], json!([m, n]));
         assert_eq!(body["dtype"], dtype);
-        body["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
     };
     assert_close(&got, &want, k, f32);
 }
@@ -93,25 +138,75 @@ async fn odd_shapes_dtypes_and_paths_match_the_reference() {
 
     let cases = [
         Case::new(1, 1, 1),
-        Case { npy: true, ..Case::new(1, 300, 1) },
-        Case { f32: true, ..Case::new(37, 53, 29) },
-        Case { f32: true, npy: true, ..Case::new(37, 53, 29) },
+        Case {
+            npy: true,
+            ..Case::new(1, 300, 1)
+        },
+        Case {
+            f32: true,
+            ..Case::new(37, 53, 29)
+        },
+        Case {
+            f32: true,
+            npy: true,
+            ..Case::new(37, 53, 29)
+        },
         Case::new(700, 3, 5),
-        Case { npy: true, ..Case::new(3, 5000, 4) },
-        Case { alpha: -0.5, beta: 2.0, with_c: true, ..Case::new(300, 17, 260) },
-        Case { alpha: 1.5, beta: 0.25, with_c: true, f32: true, npy: true, ..Case::new(257, 33, 513) },
-        Case { alpha: 2.0, beta: 3.0, ..Case::new(20, 20, 20) },
-        Case { beta: 0.0, with_c: true, f32: true, ..Case::new(9, 9, 9) },
+        Case {
+            npy: true,
+            ..Case::new(3, 5000, 4)
+        },
+        Case {
+            alpha: -0.5,
+            beta: 2.0,
+            with_c: true,
+            ..Case::new(300, 17, 260)
+        },
+        Case {
+            alpha: 1.5,
+            beta: 0.25,
+            with_c: true,
+            f32: true,
+            npy: true,
+            ..Case::new(257, 33, 513)
+        },
+        Case {
+            alpha: 2.0,
+            beta: 3.0,
+            ..Case::new(20, 20, 20)
+        },
+        Case {
+            beta: 0.0,
+            with_c: true,
+            f32: true,
+            ..Case::new(9, 9, 9)
+        },
     ];
     for (i, case) in cases.iter().enumerate() {
         run_case(&c, &t, case, 10 * i as u64).await;
     }
     let admin = token("root", Role::Admin);
-    let workers: Value = c.http.get(c.api("/workers")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    let workers: Value = c
+        .http
+        .get(c.api("/workers"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let workers = workers["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2);
-    assert!(workers.iter().all(|w| w["kind"] == "native" && w["threads"] == 1));
-    let tiles: u64 = workers.iter().map(|w| w["tiles_done"].as_u64().unwrap()).sum();
+    assert!(
+        workers
+            .iter()
+            .all(|w| w["kind"] == "native" && w["threads"] == 1)
+    );
+    let tiles: u64 = workers
+        .iter()
+        .map(|w| w["tiles_done"].as_u64().unwrap())
+        .sum();
     assert!(tiles >= cases.len() as u64);
 }
 
@@ -121,17 +216,26 @@ async fn several_jobs_from_several_submitters_at_once() {
     let _w1 = c.worker("w1", 1);
     let _w2 = c.worker("w2", 1);
     c.wait_workers_connected(2).await;
-    let users: Vec<String> = (0..3).map(|i| token(&format!("user{i}"), Role::Submitter)).collect();
+    let users: Vec<String> = (0..3)
+        .map(|i| token(&format!("user{i}"), Role::Submitter))
+        .collect();
     let runs = users.iter().enumerate().flat_map(|(u, t)| {
         let c = &c;
         (0..2).map(move |j| async move {
-            let case = Case { f32: j == 0, npy: u % 2 == 0, ..Case::new(300 + 10 * u, 200, 280 + j) };
+            let case = Case {
+                f32: j == 0,
+                npy: u % 2 == 0,
+                ..Case::new(300 + 10 * u, 200, 280 + j)
+            };
             run_case(c, t, &case, 100 * u as u64 + j as u64).await;
         })
     });
     futures_util::future::join_all(runs).await;
     let metrics = c.metrics().await;
-    assert!(metrics.contains("tabgrid_jobs_finished_total{state=\"done\"} 6"), "{metrics}");
+    assert!(
+        metrics.contains("tabgrid_jobs_finished_total{state=\"done\"} 6"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -143,7 +247,17 @@ async fn progress_events_end_with_the_final_state() {
         "a": {"shape": [600, 64], "data": random_matrix(600, 64, 1)},
         "b": {"shape": [64, 600], "data": random_matrix(64, 600, 2)},
     });
-    let reply: Value = c.http.post(c.api("/jobs")).bearer_auth(&t).json(&body).send().await.unwrap().json().await.unwrap();
+    let reply: Value = c
+        .http
+        .post(c.api("/jobs"))
+        .bearer_auth(&t)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let id = reply["id"].as_str().unwrap().to_owned();
     assert_eq!(reply["tiles_total"], 9);
     // The first event shows the queued job; a worker joining later runs it.

@@ -11,7 +11,8 @@ use tabgrid_tests::*;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn hello(token: Option<String>, version: u16) -> Vec<u8> {
     protocol::encode(&ToCoordinator::Hello(Hello {
@@ -27,15 +28,25 @@ fn hello(token: Option<String>, version: u16) -> Vec<u8> {
 }
 
 async fn connect(c: &Coordinator) -> Socket {
-    let config = WebSocketConfig::default().max_message_size(Some(1 << 30)).max_frame_size(Some(1 << 30));
-    let (socket, _) = tokio_tungstenite::connect_async_with_config(c.ws_url(), Some(config), false).await.unwrap();
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30));
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(c.ws_url(), Some(config), false)
+        .await
+        .unwrap();
     socket
 }
 
 /// Connects and completes the handshake as a volunteer.
 async fn join(c: &Coordinator, name: &str) -> Socket {
     let mut socket = connect(c).await;
-    socket.send(Message::binary(hello(Some(token(name, Role::Volunteer)), PROTOCOL_VERSION))).await.unwrap();
+    socket
+        .send(Message::binary(hello(
+            Some(token(name, Role::Volunteer)),
+            PROTOCOL_VERSION,
+        )))
+        .await
+        .unwrap();
     match next_frame(&mut socket).await {
         Some(ToWorker::Welcome(_)) => socket,
         other => panic!("expected Welcome, got {other:?}"),
@@ -64,7 +75,9 @@ async fn closed(socket: &mut Socket) -> (u16, String) {
                         reason = r;
                     }
                 }
-                Ok(Message::Close(Some(frame))) => return (u16::from(frame.code), frame.reason.to_string()),
+                Ok(Message::Close(Some(frame))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
                 Ok(Message::Close(None)) => return (0, reason),
                 Ok(_) => {}
                 Err(_) => return (0, reason),
@@ -72,14 +85,32 @@ async fn closed(socket: &mut Socket) -> (u16, String) {
         }
         (0, reason)
     };
-    tokio::time::timeout(EVENT_TIMEOUT, wait).await.expect("timed out waiting for the close")
+    tokio::time::timeout(EVENT_TIMEOUT, wait)
+        .await
+        .expect("timed out waiting for the close")
 }
 
-async fn submit(c: &Coordinator, bearer: &str, m: usize, k: usize, n: usize) -> (String, Vec<f64>, Vec<f64>) {
+async fn submit(
+    c: &Coordinator,
+    bearer: &str,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> (String, Vec<f64>, Vec<f64>) {
     let a = random_matrix(m, k, 3);
     let b = random_matrix(k, n, 4);
     let body = json!({"op": "gemm", "dtype": "f64", "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b}});
-    let reply: Value = c.http.post(c.api("/jobs")).bearer_auth(bearer).json(&body).send().await.unwrap().json().await.unwrap();
+    let reply: Value = c
+        .http
+        .post(c.api("/jobs"))
+        .bearer_auth(bearer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     (reply["id"].as_str().unwrap().to_owned(), a, b)
 }
 
@@ -90,26 +121,43 @@ async fn bad_peers_are_closed_with_a_reason_and_harm_no_one() {
 
     // Refused at the handshake: bad token, wrong version, no Hello first.
     let mut s = connect(&c).await;
-    s.send(Message::binary(hello(Some(token_with("x", Role::Volunteer, now() + 60, "wrong")), PROTOCOL_VERSION))).await.unwrap();
+    s.send(Message::binary(hello(
+        Some(token_with("x", Role::Volunteer, now() + 60, "wrong")),
+        PROTOCOL_VERSION,
+    )))
+    .await
+    .unwrap();
     let (code, reason) = closed(&mut s).await;
     assert_eq!(code, 1008);
     assert!(reason.contains("invalid token"), "{reason}");
 
     let mut s = connect(&c).await;
-    s.send(Message::binary(hello(Some(token("x", Role::Volunteer)), 999))).await.unwrap();
+    s.send(Message::binary(hello(
+        Some(token("x", Role::Volunteer)),
+        999,
+    )))
+    .await
+    .unwrap();
     let (code, reason) = closed(&mut s).await;
     assert_eq!(code, 1008);
     assert!(reason.contains("protocol version 999"), "{reason}");
 
     let mut s = connect(&c).await;
-    s.send(Message::binary(hello(Some(token("x", Role::Submitter)), PROTOCOL_VERSION))).await.unwrap();
+    s.send(Message::binary(hello(
+        Some(token("x", Role::Submitter)),
+        PROTOCOL_VERSION,
+    )))
+    .await
+    .unwrap();
     let (code, reason) = closed(&mut s).await;
     assert_eq!(code, 1008);
     assert!(reason.contains("submitter"), "{reason}");
 
     // After the handshake: garbage, text, oversized, Ready abuse.
     let mut s = join(&c, "garbage").await;
-    s.send(Message::binary(vec![0xff, 0xfe, 0x01])).await.unwrap();
+    s.send(Message::binary(vec![0xff, 0xfe, 0x01]))
+        .await
+        .unwrap();
     let (code, reason) = closed(&mut s).await;
     assert_eq!(code, 1002);
     assert!(reason.contains("does not decode"), "{reason}");
@@ -121,27 +169,53 @@ async fn bad_peers_are_closed_with_a_reason_and_harm_no_one() {
     assert!(reason.contains("text frames"), "{reason}");
 
     let mut s = join(&c, "huge").await;
-    let _ = s.send(Message::binary(vec![0u8; protocol::MAX_FRAME_BYTES + 1])).await;
+    let _ = s
+        .send(Message::binary(vec![0u8; protocol::MAX_FRAME_BYTES + 1]))
+        .await;
     let (code, _) = closed(&mut s).await;
-    assert!(code == 1009 || code == 0, "oversized frame closes the connection (code {code})");
+    assert!(
+        code == 1009 || code == 0,
+        "oversized frame closes the connection (code {code})"
+    );
 
     let mut s = join(&c, "greedy").await;
-    s.send(Message::binary(protocol::encode(&ToCoordinator::Ready { slots: 1000 }))).await.unwrap();
+    s.send(Message::binary(protocol::encode(&ToCoordinator::Ready {
+        slots: 1000,
+    })))
+    .await
+    .unwrap();
     let (code, reason) = closed(&mut s).await;
     assert_eq!(code, 1002);
     assert!(reason.contains("over the limit"), "{reason}");
 
     // Results for leases that are not the peer's: never issued, or another worker's.
     let mut s = join(&c, "liar").await;
-    let forged = TileResult { lease: 424_242, checksum: protocol::checksum(&[]), compute_micros: 1, payload: vec![] };
-    s.send(Message::binary(protocol::encode(&ToCoordinator::Result(forged)))).await.unwrap();
+    let forged = TileResult {
+        lease: 424_242,
+        checksum: protocol::checksum(&[]),
+        compute_micros: 1,
+        payload: vec![],
+    };
+    s.send(Message::binary(protocol::encode(&ToCoordinator::Result(
+        forged,
+    ))))
+    .await
+    .unwrap();
     let (code, reason) = closed(&mut s).await;
     assert_eq!(code, 1002);
-    assert!(reason.contains("lease 424242 was never given to this worker"), "{reason}");
+    assert!(
+        reason.contains("lease 424242 was never given to this worker"),
+        "{reason}"
+    );
 
     let (id, _, _) = submit(&c, &t, 8, 8, 8).await;
     let mut holder = join(&c, "holder").await;
-    holder.send(Message::binary(protocol::encode(&ToCoordinator::Ready { slots: 1 }))).await.unwrap();
+    holder
+        .send(Message::binary(protocol::encode(&ToCoordinator::Ready {
+            slots: 1,
+        })))
+        .await
+        .unwrap();
     let assign = loop {
         match next_frame(&mut holder).await.expect("assignment") {
             ToWorker::Assign(assign) => break assign,
@@ -151,19 +225,42 @@ async fn bad_peers_are_closed_with_a_reason_and_harm_no_one() {
     assert_eq!(assign.job, id);
     let mut thief = join(&c, "thief").await;
     let payload = vec![0u8; 8 * 8 * 8];
-    let stolen = TileResult { lease: assign.lease, checksum: protocol::checksum(&payload), compute_micros: 1, payload };
-    thief.send(Message::binary(protocol::encode(&ToCoordinator::Result(stolen)))).await.unwrap();
+    let stolen = TileResult {
+        lease: assign.lease,
+        checksum: protocol::checksum(&payload),
+        compute_micros: 1,
+        payload,
+    };
+    thief
+        .send(Message::binary(protocol::encode(&ToCoordinator::Result(
+            stolen,
+        ))))
+        .await
+        .unwrap();
     let (code, reason) = closed(&mut thief).await;
     assert_eq!(code, 1002);
     assert!(reason.contains("never given to this worker"), "{reason}");
 
     // The rightful holder sends a result of the wrong size.
     let short = vec![0u8; 7];
-    let wrong = TileResult { lease: assign.lease, checksum: protocol::checksum(&short), compute_micros: 1, payload: short };
-    holder.send(Message::binary(protocol::encode(&ToCoordinator::Result(wrong)))).await.unwrap();
+    let wrong = TileResult {
+        lease: assign.lease,
+        checksum: protocol::checksum(&short),
+        compute_micros: 1,
+        payload: short,
+    };
+    holder
+        .send(Message::binary(protocol::encode(&ToCoordinator::Result(
+            wrong,
+        ))))
+        .await
+        .unwrap();
     let (code, reason) = closed(&mut holder).await;
     assert_eq!(code, 1002);
-    assert!(reason.contains("has 7 bytes; the tile needs 512"), "{reason}");
+    assert!(
+        reason.contains("has 7 bytes; the tile needs 512"),
+        "{reason}"
+    );
 
     // Through all that, a real worker computes the job (its lease came back) and another.
     let _worker = c.worker("honest", 1);
@@ -171,9 +268,28 @@ async fn bad_peers_are_closed_with_a_reason_and_harm_no_one() {
     assert_eq!(last["state"], "done");
     let (id2, a, b) = submit(&c, &t, 33, 44, 55).await;
     assert_eq!(c.wait_job(&id2, &t).await["state"], "done");
-    let body: Value = c.http.get(c.api(&format!("/jobs/{id2}/result"))).bearer_auth(&t).send().await.unwrap().json().await.unwrap();
-    let got: Vec<f64> = body["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    assert_close(&got, &reference(33, 44, 55, 1.0, &a, &b, 0.0, None), 44, false);
+    let body: Value = c
+        .http
+        .get(c.api(&format!("/jobs/{id2}/result")))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<f64> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_close(
+        &got,
+        &reference((33, 44, 55), 1.0, &a, &b, 0.0, None),
+        44,
+        false,
+    );
 
     let health = c.http.get(c.api("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);

@@ -22,7 +22,9 @@ fn main() -> anyhow::Result<()> {
         ["test", rest @ ..] => test(rest),
         ["ci"] => ci(),
         ["bench", "e2e", rest @ ..] => bench_e2e(rest),
-        ["bench", "scheduler"] => cargo(&["bench", "-p", "tabgrid-coordinator", "--bench", "scheduler"]),
+        ["bench", "scheduler"] => {
+            cargo(&["bench", "-p", "tabgrid-coordinator", "--bench", "scheduler"])
+        }
         _ => {
             eprint!("{USAGE}");
             bail!("unknown command {:?}", args.join(" "))
@@ -31,12 +33,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
     eprintln!("$ {command:?}");
-    let status = command.current_dir(root()).status().with_context(|| format!("running {command:?}"))?;
+    let status = command
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -72,14 +80,35 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
 
 fn ci() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
-    cargo(&["build", "-p", "tabgrid-shared", "--target", "wasm32-unknown-unknown"])?;
+    cargo(&[
+        "build",
+        "-p",
+        "tabgrid-shared",
+        "--target",
+        "wasm32-unknown-unknown",
+    ])?;
     test(&[])
 }
 
 fn bench_e2e(extra: &[&str]) -> anyhow::Result<()> {
-    let mut args = vec!["run", "--release", "-p", "tabgrid-coordinator", "--example", "bench_e2e", "--"];
+    let mut args = vec![
+        "run",
+        "--release",
+        "-p",
+        "tabgrid-coordinator",
+        "--example",
+        "bench_e2e",
+        "--",
+    ];
     args.extend_from_slice(extra);
     cargo(&args)
 }

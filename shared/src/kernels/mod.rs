@@ -2,15 +2,17 @@
 //! views, and the runtime choice of the fastest path this CPU has.
 //!
 //! The layout follows memchr's `src/arch/`. `portable` holds the one blocked algorithm
-//! (packing plus a register-blocked micro-kernel) written as plain loops over fixed-size
-//! arrays; `x86_64` compiles that same code a second time with AVX2 and FMA enabled and is
-//! picked at runtime; `parallel` (feature `rayon`) shares packed panels of B between threads;
-//! `reference` is the naive loop every path is tested against.
+//! (packing, cache blocking, edge tiles) generic over its register-blocked micro-kernel, and
+//! a portable micro-kernel written as plain loops; `x86_64` recompiles that driver with AVX2
+//! and FMA enabled around intrinsic micro-kernels, and is picked at runtime; `parallel`
+//! (feature `rayon`) shares packed panels of B between threads; `reference` is the naive
+//! loop every path is tested against.
 //!
 //! Adding a path (wasm32 `simd128`, AArch64 NEON) means one more cfg'd module beside `x86_64`
-//! that instantiates `portable::gemm_blocked` with a tile suited to its registers, plus one
-//! more `Path` variant. wasm32 has no runtime feature detection, so a `simd128` path would be
-//! selected by `cfg(target_feature = "simd128")` at compile time.
+//! that implements `portable::MicroKernel` for a tile suited to its registers and calls
+//! `portable::gemm_blocked` with it, plus one more `Path` variant. wasm32 has no runtime
+//! feature detection, so a `simd128` path would be chosen by
+//! `cfg(target_feature = "simd128")` at compile time.
 
 use core::fmt;
 
@@ -21,6 +23,7 @@ pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
+#[cfg(feature = "rayon")]
 use portable::Tile;
 
 /// Element types the kernels compute in.
@@ -43,11 +46,12 @@ pub trait Element:
     fn from_f64(v: f64) -> Self;
     /// Widening conversion; exact for `f32` and `f64`.
     fn to_f64(self) -> f64;
-    /// `self * a + b`, fused where the hardware has an FMA instruction.
+    /// `self * a + b`; for `f32` and `f64` one fused operation with a single rounding.
     ///
-    /// Only paths compiled with FMA enabled call this in their inner loop. The portable path
-    /// uses plain `*` and `+` instead, because where there is no FMA instruction (wasm32,
-    /// baseline x86_64) a fused `mul_add` becomes a slow software routine.
+    /// The kernels' inner loops do not call it: the x86_64 path issues FMA instructions
+    /// itself, and the portable path multiplies and adds separately, because where there is
+    /// no FMA instruction (wasm32, baseline x86_64) a fused `mul_add` is a slow software
+    /// routine.
     fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
@@ -395,6 +399,18 @@ impl<'a, T: Element> MatMut<'a, T> {
         })
     }
 
+    /// The transpose, as a view of the same buffer.
+    #[must_use]
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -403,6 +419,16 @@ impl<'a, T: Element> MatMut<'a, T> {
     /// Number of columns.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Distance in `data` between consecutive rows.
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// Distance in `data` between consecutive columns.
+    pub fn col_stride(&self) -> usize {
+        self.col_stride
     }
 
     /// Element `(r, c)`.
@@ -552,7 +578,7 @@ impl Path {
         }
     }
 
-    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+    #[cfg(feature = "rayon")]
     fn tile<T>(self) -> Tile {
         match self {
             Path::Portable => portable::tile::<T>(),
@@ -688,10 +714,11 @@ pub fn gemm_portable<T: Element>(
     gemm_with(Path::Portable, alpha, a, b, beta, c)
 }
 
-/// [`gemm`] using the threads of the current rayon pool, each writing its own rows of C.
+/// [`gemm`] using the threads of the current rayon pool, each writing its own rows of C (or,
+/// for a column-major C, its own columns).
 ///
-/// Products too small to repay the threading, and outputs whose rows interleave in memory
-/// (see [`MatMut::rows_are_disjoint`]), run on the calling thread.
+/// Products too small to repay the threading, and outputs whose rows and columns both
+/// interleave in memory, run on the calling thread.
 #[cfg(feature = "rayon")]
 pub fn par_gemm<T: Element>(
     alpha: T,

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use super::portable::{self, beta_for_slice};
 use super::{Element, MatMut, MatRef, Path, ShapeError, check_shapes, finish_degenerate};
 
-/// Below this many multiply-adds, handing work to the pool costs more than it saves.
-const MIN_PARALLEL_FLOPS: f64 = 64.0 * 64.0 * 64.0;
+/// Below this many multiply-adds (`m·n·k`), handing work to the pool costs more than it saves.
+const MIN_PARALLEL_WORK: f64 = 64.0 * 64.0 * 64.0;
 
 pub(super) fn par_gemm_with<T: Element>(
     path: Path,
@@ -28,8 +28,21 @@ pub(super) fn par_gemm_with<T: Element>(
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let threads = rayon::current_num_threads();
     let tile = path.tile::<T>();
-    let small = (m as f64) * (n as f64) * (k as f64) < MIN_PARALLEL_FLOPS;
-    if threads <= 1 || small || m <= tile.mr || !c.rows_are_disjoint() {
+    let small = (m as f64) * (n as f64) * (k as f64) < MIN_PARALLEL_WORK;
+    if threads <= 1 || small {
+        path.gemm(alpha, a, b, beta, c);
+        return Ok(());
+    }
+    if !c.rows_are_disjoint() {
+        let ct = c.t();
+        if ct.rows_are_disjoint() {
+            // Column-major C: its transpose has disjoint rows, and Cᵀ = alpha·Bᵀ·Aᵀ + beta·Cᵀ.
+            return par_gemm_with(path, alpha, b.t(), a.t(), beta, ct);
+        }
+        path.gemm(alpha, a, b, beta, ct.t());
+        return Ok(());
+    }
+    if m <= tile.mr {
         path.gemm(alpha, a, b, beta, c);
         return Ok(());
     }
@@ -64,7 +77,11 @@ pub(super) fn par_gemm_with<T: Element>(
                 .for_each(|(jp, panel)| {
                     let j0 = jp * tile.nr;
                     let cols = tile.nr.min(nc - j0);
-                    portable::pack(b.submatrix(pc, jc + j0, kc, cols).t(), tile.nr, panel);
+                    portable::pack_with_width(
+                        b.submatrix(pc, jc + j0, kc, cols).t(),
+                        tile.nr,
+                        panel,
+                    );
                 });
             let b_packed = &*b_packed;
             let beta = beta_for_slice(pc, beta);

@@ -1,11 +1,12 @@
 //! The blocked GEMM every path runs: copy panels of A and B into contiguous, zero-padded
 //! buffers sized for the caches, then sweep a register-blocked micro-kernel over them.
 //!
-//! It is written as plain loops over fixed-size arrays so LLVM vectorizes it for whatever
-//! target features the caller is compiled with. Everything on the hot path is
-//! `#[inline(always)]` so that `x86_64`'s `#[target_feature]` wrappers really do recompile it
-//! with AVX2 and FMA: a generic function that is not inlined is compiled once, for the
-//! baseline target.
+//! The driver is generic over the micro-kernel (`MicroKernel`), so a faster path supplies
+//! only its kernel and shares the packing, blocking and edge handling here. The portable
+//! kernel is plain loops over fixed-size arrays for LLVM to vectorize with whatever target
+//! features the caller is compiled with. Everything on the hot path is `#[inline(always)]` so
+//! that `x86_64`'s `#[target_feature]` wrappers really do recompile it with AVX2: a generic
+//! function that is not inlined is compiled once, for the baseline target.
 
 use super::{Element, MatMut, MatRef};
 
@@ -22,6 +23,7 @@ pub(crate) struct Tile {
 const TILE_32: Tile = Tile { mr: 4, nr: 8 };
 const TILE_64: Tile = Tile { mr: 4, nr: 4 };
 
+#[cfg(feature = "rayon")]
 pub(crate) fn tile<T>() -> Tile {
     if size_of::<T>() == 4 {
         TILE_32
@@ -40,7 +42,7 @@ pub(crate) struct Blocking {
 
 /// `kc x nr` of B (16 KiB for f32 at nr = 16) stays in a 32 KiB L1 while an `mc x kc` block
 /// of A (~144 KiB) streams from L2; the `kc x nc` panel of B (4-8 MiB) is meant for L3.
-/// These are BLIS's numbers for AMD Zen and sit well on Intel cores too.
+/// These follow BLIS's choices for AMD Zen, and suit recent Intel cores too.
 pub(crate) fn blocking<T>(tile: Tile) -> Blocking {
     const KC: usize = 256;
     const A_BLOCK_BYTES: usize = 144 * 1024;
@@ -53,46 +55,74 @@ pub(crate) fn blocking<T>(tile: Tile) -> Blocking {
     }
 }
 
-/// Copies `src` into panels of `width` rows, each stored k-major (element `(i, p)` of a panel
+/// Copies `src` into panels of `W` rows, each stored k-major (element `(i, p)` of a panel
 /// at `p * width + i`), so the micro-kernel reads one contiguous `width`-vector per step of
 /// the inner sum. Rows past the edge of `src` are zero, so edge tiles run the same
 /// full-size kernel instead of a slow scalar tail; their results are simply not stored.
 ///
 /// A is packed as is; B is packed as `B.t()`, whose rows are B's columns.
-/// `out.len()` must be `src.cols * src.rows.next_multiple_of(width)`.
+/// `out.len()` must be `src.cols * src.rows.next_multiple_of(W)`.
 #[inline(always)]
-pub(crate) fn pack<T: Element>(src: MatRef<'_, T>, width: usize, out: &mut [T]) {
+pub(crate) fn pack<T: Element, const W: usize>(src: MatRef<'_, T>, out: &mut [T]) {
     let (rows, depth) = (src.rows, src.cols);
     let (rs, cs) = (src.row_stride, src.col_stride);
-    debug_assert_eq!(out.len(), depth * rows.next_multiple_of(width));
-    for (q, panel) in out.chunks_exact_mut(depth * width).enumerate() {
-        let i0 = q * width;
-        let live = width.min(rows - i0);
-        if live < width {
+    debug_assert_eq!(out.len(), depth * rows.next_multiple_of(W));
+    for (q, panel) in out.chunks_exact_mut(depth * W).enumerate() {
+        let i0 = q * W;
+        let live = W.min(rows - i0);
+        if live < W {
             panel.fill(T::ZERO);
         }
-        if rs == 1 {
-            // The panel's rows are adjacent: each step of the inner sum is one short copy.
-            for (p, dst) in panel.chunks_exact_mut(width).enumerate() {
+        if rs == 1 && live == W {
+            // The panel's rows are adjacent: each step of the inner sum is one fixed-size
+            // copy, which compiles to a few vector moves rather than a call to `memcpy`.
+            for (p, dst) in panel.chunks_exact_mut(W).enumerate() {
+                let start = i0 + p * cs;
+                let src: &[T; W] = src.data[start..start + W].try_into().expect("W elements");
+                dst.copy_from_slice(src);
+            }
+        } else if rs == 1 {
+            for (p, dst) in panel.chunks_exact_mut(W).enumerate() {
                 let start = i0 + p * cs;
                 dst[..live].copy_from_slice(&src.data[start..start + live]);
             }
+        } else if cs == 1 && live == W {
+            // Each row is contiguous. Walking all W rows side by side keeps W streams of
+            // cache misses in flight, where finishing one row before the next would wait on
+            // each row's misses in turn.
+            let rows: [&[T]; W] = core::array::from_fn(|i| &src.data[(i0 + i) * rs..][..depth]);
+            for (p, dst) in panel.chunks_exact_mut(W).enumerate() {
+                for (dst, row) in dst.iter_mut().zip(&rows) {
+                    *dst = row[p];
+                }
+            }
         } else if cs == 1 {
-            // Each row is contiguous: read it straight through, scattering into the panel.
             for i in 0..live {
                 let start = (i0 + i) * rs;
                 let row = &src.data[start..start + depth];
-                for (dst, &x) in panel[i..].iter_mut().step_by(width).zip(row) {
+                for (dst, &x) in panel[i..].iter_mut().step_by(W).zip(row) {
                     *dst = x;
                 }
             }
         } else {
-            for (p, dst) in panel.chunks_exact_mut(width).enumerate() {
+            for (p, dst) in panel.chunks_exact_mut(W).enumerate() {
                 for (i, dst) in dst[..live].iter_mut().enumerate() {
                     *dst = src.data[(i0 + i) * rs + p * cs];
                 }
             }
         }
+    }
+}
+
+/// [`pack`] for a width known only at run time, as in the rayon driver.
+#[cfg(feature = "rayon")]
+pub(crate) fn pack_with_width<T: Element>(src: MatRef<'_, T>, width: usize, out: &mut [T]) {
+    match width {
+        4 => pack::<T, 4>(src, out),
+        6 => pack::<T, 6>(src, out),
+        8 => pack::<T, 8>(src, out),
+        16 => pack::<T, 16>(src, out),
+        _ => unreachable!("no path uses a tile {width} wide"),
     }
 }
 
@@ -186,6 +216,7 @@ fn store<T: Element, const MR: usize, const NR: usize>(
     }
 }
 
+/// Asks `kernel` to prefetch the rows of the C tile at `(i0, j0)`; see `MicroKernel`.
 #[inline(always)]
 fn prefetch_tile<T: Element, const MR: usize, const NR: usize, K: MicroKernel<T, MR, NR>>(
     kernel: K,
@@ -230,7 +261,7 @@ pub(crate) fn block<T, const MR: usize, const NR: usize, K>(
     for ic in (0..mb).step_by(mc_max) {
         let mc = mc_max.min(mb - ic);
         let a_packed = aligned(a_buf, kc * mc.next_multiple_of(MR));
-        pack(a.submatrix(ic, 0, mc, kc), MR, a_packed);
+        pack::<T, MR>(a.submatrix(ic, 0, mc, kc), a_packed);
         let mut c = c.rb_mut().submatrix(ic, 0, mc, nc);
         // B's micro-panel outside, A's inside: the kc x NR panel of B stays in L1 while the
         // packed block of A streams past it from L2.
@@ -282,7 +313,7 @@ pub(crate) fn gemm_blocked<T, const MR: usize, const NR: usize, K>(
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
             let b_packed = aligned(&mut b_buf, kc * nc.next_multiple_of(NR));
-            pack(b.submatrix(pc, jc, kc, nc).t(), NR, b_packed);
+            pack::<T, NR>(b.submatrix(pc, jc, kc, nc).t(), b_packed);
             block(
                 alpha,
                 a.submatrix(0, pc, m, kc),

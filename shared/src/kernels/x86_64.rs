@@ -1,10 +1,10 @@
-//! The AVX2+FMA path for x86_64 CPUs that report both at runtime: the portable blocked loops
-//! recompiled under `#[target_feature]`, driving hand-written 256-bit micro-kernels for f32
-//! and f64.
+//! The AVX2+FMA path for x86_64 CPUs that report both at runtime: the portable blocked
+//! driver recompiled under `#[target_feature]` around hand-written 256-bit micro-kernels
+//! for f32 and f64.
 //!
 //! The micro-kernels use intrinsics because LLVM's vectorization of the portable one is not
 //! dependable once the whole driver is inlined around it: in one build the f32 kernel came
-//! out scalar and ran ten times slower. The packing and edge handling stay shared.
+//! out scalar and ran twenty times slower. Packing, blocking and edge tiles stay shared.
 
 use core::any::TypeId;
 use core::arch::x86_64::{
@@ -25,6 +25,7 @@ pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+#[cfg(feature = "rayon")]
 pub(super) fn tile<T>() -> Tile {
     if size_of::<T>() == 4 {
         TILE_32
