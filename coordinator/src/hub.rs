@@ -11,6 +11,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use tabgrid_shared::claims::{Claims, Role};
 use tabgrid_shared::protocol::{
     self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, Operand, PROTOCOL_VERSION,
@@ -260,19 +261,38 @@ impl Session {
                     }
                 }
                 out = outbox.recv() => {
-                    let frame = match out {
-                        None => return None,
-                        Some(Outbound::Frame(frame)) => protocol::encode(&frame),
-                        Some(Outbound::Operand(data)) => protocol::encode(&ToWorker::Operand(Operand {
-                            key: data.key,
-                            dtype: data.dtype,
-                            rows: data.rows,
-                            cols: data.cols,
-                            bytes: data.bytes.to_vec(),
-                        })),
-                        Some(Outbound::Close { code, reason }) => return Some(Refusal { code, reason }),
-                    };
-                    if self.send(frame).await.is_err() {
+                    // Whatever else is already queued goes out in the same flush: a result
+                    // often frees a slot and brings an operand and an assignment at once.
+                    let mut next = out;
+                    let mut fed = 0;
+                    while let Some(item) = next.take() {
+                        let frame = match item {
+                            Outbound::Frame(frame) => protocol::encode(&frame),
+                            Outbound::Operand(data) => protocol::encode(&ToWorker::Operand(Operand {
+                                key: data.key,
+                                dtype: data.dtype,
+                                rows: data.rows,
+                                cols: data.cols,
+                                bytes: data.bytes.to_vec(),
+                            })),
+                            Outbound::Close { code, reason } => {
+                                let _ = self.socket.flush().await;
+                                return Some(Refusal { code, reason });
+                            }
+                        };
+                        grid.metrics().bytes_sent(frame.len());
+                        if self.socket.feed(Message::Binary(frame.into())).await.is_err() {
+                            return None;
+                        }
+                        fed += 1;
+                        if fed < 64 {
+                            next = outbox.try_recv().ok();
+                        }
+                    }
+                    if fed == 0 {
+                        return None;
+                    }
+                    if self.socket.flush().await.is_err() {
                         return None;
                     }
                 }

@@ -711,42 +711,41 @@ impl Scheduler {
     }
 
     fn pick_tile(&self, job_id: JobId, worker: WorkerId) -> Option<TileIndex> {
+        /// Bounds each scan, so one assignment costs O(SCAN log n) however big the job.
+        const SCAN: usize = 64;
         let job = &self.jobs[&job_id];
         let state = &self.workers[&worker];
-        let holds = |key: &OperandKey| state.held.contains_key(key);
+        let holds = |panel: &Panel| state.held.contains_key(&panel.key);
         let mut half: Option<TileIndex> = None;
-        // Bounded: a worker's cache holds at most a few hundred panels.
-        for key in state.held.keys().take(512) {
-            let Some(uses) = self.panels.get(key) else {
+        // Rows with pending tiles whose A panel the worker holds: a tile there whose B panel
+        // it holds too moves no bytes at all.
+        for &i in job.nonempty_rows.iter().take(SCAN) {
+            if !holds(&job.tiles.a_panels[i as usize]) {
                 continue;
-            };
-            for &(j, side) in uses {
-                if j != job_id {
-                    continue;
+            }
+            for &j in job.pending_rows[i as usize].iter().take(SCAN) {
+                if holds(&job.tiles.b_panels[j as usize]) {
+                    return Some((i, j));
                 }
-                match side {
-                    Side::Row(i) => {
-                        for &col in job.pending_rows[i as usize].iter().take(64) {
-                            if holds(&job.tiles.b_panels[col as usize].key) {
-                                return Some((i, col));
-                            }
-                            half.get_or_insert((i, col));
-                        }
-                    }
-                    Side::Col(col) => {
-                        if let Some(&i) = job.pending_cols[col as usize].first() {
-                            half.get_or_insert((i, col));
-                        }
-                    }
-                    Side::C => {}
+                half.get_or_insert((i, j));
+            }
+        }
+        if half.is_some() {
+            return half;
+        }
+        // Otherwise a pending tile in a column whose B panel the worker holds.
+        for key in state.held.keys().take(SCAN) {
+            for &(j, side) in self.panels.get(key).into_iter().flatten() {
+                if let (true, Side::Col(col)) = (j == job_id, side)
+                    && let Some(&i) = job.pending_cols[col as usize].first()
+                {
+                    return Some((i, col));
                 }
             }
         }
-        half.or_else(|| {
-            let &i = job.nonempty_rows.first()?;
-            let &j = job.pending_rows[i as usize].first()?;
-            Some((i, j))
-        })
+        let &i = job.nonempty_rows.first()?;
+        let &j = job.pending_rows[i as usize].first()?;
+        Some((i, j))
     }
 
     /// A tile worth duplicating for an idle worker: running longer than its expected time

@@ -63,12 +63,13 @@ pub(super) fn par_gemm_with<T: Element>(
         r0 += rows;
     }
 
-    let mut b_buf =
-        vec![T::ZERO; k.min(blocking.kc) * n.min(blocking.nc).next_multiple_of(tile.nr)];
-    for jc in (0..n).step_by(blocking.nc) {
-        let nc = blocking.nc.min(n - jc);
-        for pc in (0..k).step_by(blocking.kc) {
-            let kc = blocking.kc.min(k - pc);
+    let kc_max = portable::even_step(k, blocking.kc, 1);
+    let nc_max = portable::even_step(n, blocking.nc, tile.nr);
+    let mut b_buf = Vec::new();
+    for jc in (0..n).step_by(nc_max) {
+        let nc = nc_max.min(n - jc);
+        for pc in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - pc);
             let b_packed = portable::aligned(&mut b_buf, kc * nc.next_multiple_of(tile.nr));
             b_packed
                 .par_chunks_mut(kc * tile.nr)
