@@ -4,7 +4,8 @@
 //! process with the same threads. Then the per-tile overhead: a job of many tiny tiles,
 //! in tiles per second.
 //!
-//! Options: `--size N` (2048), `--threads T` (2), `--runs R` (5), `--tiny-edge E` (8).
+//! Options: `--size N` (2048), `--threads T` (2), `--runs R` (5), `--edge E` (the tile
+//! policy's), `--tiny-edge E` (8).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,6 +179,7 @@ async fn main() {
     let threads = arg("--threads", 2);
     let runs = arg("--runs", 5);
     let tiny = arg("--tiny-edge", 8);
+    let edge = arg("--edge", tabgrid_shared::tiling::PREFERRED_EDGE as usize) as u32;
     println!(
         "command: cargo xtask bench e2e --size {n} --threads {threads} --runs {runs} --tiny-edge {tiny}"
     );
@@ -204,11 +206,7 @@ async fn main() {
         start.elapsed().as_secs_f64()
     };
 
-    let grid = start_grid(
-        threads,
-        tabgrid_shared::tiling::PREFERRED_EDGE,
-        tabgrid_worker::DEFAULT_SLOTS,
-    )
+    let grid = start_grid(threads, edge, tabgrid_worker::DEFAULT_SLOTS)
     .await;
     let mut reference = vec![0f32; n * n];
     local(&mut reference);

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use tabgrid_shared::claims::{Claims, Role};
 use tabgrid_shared::protocol::{
-    self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, Operand, PROTOCOL_VERSION,
+    self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, PROTOCOL_VERSION,
     ToCoordinator, ToWorker, Welcome,
 };
 use tokio::time::Instant;
@@ -268,13 +268,9 @@ impl Session {
                     while let Some(item) = next.take() {
                         let frame = match item {
                             Outbound::Frame(frame) => protocol::encode(&frame),
-                            Outbound::Operand(data) => protocol::encode(&ToWorker::Operand(Operand {
-                                key: data.key,
-                                dtype: data.dtype,
-                                rows: data.rows,
-                                cols: data.cols,
-                                bytes: data.bytes.to_vec(),
-                            })),
+                            Outbound::Operand(data) => {
+                                protocol::encode_operand(data.key, data.dtype, data.rows, data.cols, &data.bytes)
+                            }
                             Outbound::Close { code, reason } => {
                                 let _ = self.socket.flush().await;
                                 return Some(Refusal { code, reason });

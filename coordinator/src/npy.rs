@@ -2,8 +2,8 @@
 
 use std::io::Cursor;
 
-use ndarray::Array2;
-use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use ndarray::{Array2, ArrayView2};
+use ndarray_npy::{ReadNpyExt, ViewNpyExt, WriteNpyExt};
 use tabgrid_shared::matrix::{f32_bytes, f32s, f64_bytes, f64s};
 use tabgrid_shared::{Dtype, Matrix};
 
@@ -17,6 +17,30 @@ pub struct NpyError {
 
 /// Reads a 2-D C-order `.npy` of `dtype` (`<f4` or `<f8`).
 pub fn read(part: &str, bytes: &[u8], dtype: Dtype) -> Result<Matrix, NpyError> {
+    // The common case, an aligned little-endian C-order file, is one copy of its data.
+    if let Some(matrix) = view(bytes, dtype) {
+        return Ok(matrix);
+    }
+    read_copying(part, bytes, dtype)
+}
+
+/// The matrix of a well-formed, aligned, native-endian C-order `.npy`, copied once;
+/// `None` for anything else, which [`read_copying`] handles and explains.
+fn view(bytes: &[u8], dtype: Dtype) -> Option<Matrix> {
+    fn raw<T: bytemuck::Pod + ndarray_npy::ViewElement>(bytes: &[u8]) -> Option<(usize, usize, Vec<u8>)> {
+        let view = ArrayView2::<T>::view_npy(bytes).ok()?;
+        let (rows, cols) = view.dim();
+        let data = view.as_slice()?;
+        Some((rows, cols, bytemuck::cast_slice(data).to_vec()))
+    }
+    let (rows, cols, data) = match dtype {
+        Dtype::F32 => raw::<f32>(bytes)?,
+        Dtype::F64 => raw::<f64>(bytes)?,
+    };
+    Matrix::new(dtype, rows, cols, data).ok()
+}
+
+fn read_copying(part: &str, bytes: &[u8], dtype: Dtype) -> Result<Matrix, NpyError> {
     let fail = |detail: String| NpyError {
         part: part.to_owned(),
         detail,
@@ -72,6 +96,21 @@ pub fn read(part: &str, bytes: &[u8], dtype: Dtype) -> Result<Matrix, NpyError> 
 pub fn write(matrix: &Matrix) -> Vec<u8> {
     let mut out = Vec::with_capacity(matrix.data.len() + 128);
     let shape = (matrix.rows, matrix.cols);
+    // Straight from the matrix's bytes when they are aligned for the element type (they
+    // are whenever the allocator aligns to 8, i.e. always in practice); else via a copy.
+    let direct = match matrix.dtype {
+        Dtype::F32 => bytemuck::try_cast_slice::<u8, f32>(&matrix.data)
+            .ok()
+            .map(|values| ArrayView2::from_shape(shape, values).map(|v| v.write_npy(&mut out))),
+        Dtype::F64 => bytemuck::try_cast_slice::<u8, f64>(&matrix.data)
+            .ok()
+            .map(|values| ArrayView2::from_shape(shape, values).map(|v| v.write_npy(&mut out))),
+    };
+    if let Some(Ok(written)) = direct {
+        written.expect("writing .npy to memory cannot fail");
+        return out;
+    }
+    out.clear();
     let written = match matrix.dtype {
         Dtype::F32 => Array2::from_shape_vec(shape, f32s(&matrix.data))
             .expect("matrix length matches its shape")

@@ -242,6 +242,35 @@ pub fn encode<M: Serialize>(message: &M) -> Vec<u8> {
     postcard::to_allocvec(message).expect("protocol messages always serialize")
 }
 
+/// Encodes `ToWorker::Operand` from a borrowed panel: the same bytes as
+/// `encode(&ToWorker::Operand(..))` without first copying the panel into an owned message
+/// (panels are megabytes and go to every worker that lacks them).
+pub fn encode_operand(key: OperandKey, dtype: Dtype, rows: u32, cols: u32, bytes: &[u8]) -> Vec<u8> {
+    /// Mirrors [`ToWorker`] up to `Operand`: postcard encodes the variant by position.
+    #[derive(Serialize)]
+    enum Frame<'a> {
+        _Welcome(()),
+        Operand(OperandRef<'a>),
+    }
+    /// Mirrors [`Operand`] field by field.
+    #[derive(Serialize)]
+    struct OperandRef<'a> {
+        key: OperandKey,
+        dtype: Dtype,
+        rows: u32,
+        cols: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: &'a [u8],
+    }
+    encode(&Frame::Operand(OperandRef {
+        key,
+        dtype,
+        rows,
+        cols,
+        bytes,
+    }))
+}
+
 /// Decodes one frame, refusing oversized frames before looking inside and trailing bytes
 /// after the message. Never panics on any input.
 pub fn decode<'de, M: Deserialize<'de>>(frame: &'de [u8]) -> Result<M, FrameError> {
@@ -342,6 +371,20 @@ mod tests {
         );
         assert_eq!(encode(&ToWorker::Cancel { lease: 5 }), [4, 5]);
         assert_eq!(encode(&ToWorker::Close { reason: "r".into() }), [5, 1, 114]);
+    }
+
+    #[test]
+    fn borrowed_operand_encodes_like_the_owned_message() {
+        let bytes = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        let key = OperandKey::of(Dtype::F32, 1, 2, &bytes);
+        let owned = encode(&ToWorker::Operand(Operand {
+            key,
+            dtype: Dtype::F32,
+            rows: 1,
+            cols: 2,
+            bytes: bytes.clone(),
+        }));
+        assert_eq!(encode_operand(key, Dtype::F32, 1, 2, &bytes), owned);
     }
 
     #[test]
