@@ -206,8 +206,7 @@ async fn main() {
         start.elapsed().as_secs_f64()
     };
 
-    let grid = start_grid(threads, edge, tabgrid_worker::DEFAULT_SLOTS)
-    .await;
+    let grid = start_grid(threads, edge, tabgrid_worker::DEFAULT_SLOTS).await;
     let mut reference = vec![0f32; n * n];
     local(&mut reference);
     let (_, warm, _) = grid.run(&a_npy, &b_npy).await;

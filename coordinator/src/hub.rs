@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use tabgrid_shared::claims::{Claims, Role};
 use tabgrid_shared::protocol::{
-    self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, PROTOCOL_VERSION,
-    ToCoordinator, ToWorker, Welcome,
+    self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, PROTOCOL_VERSION, ToCoordinator,
+    ToWorker, Welcome,
 };
 use tokio::time::Instant;
 

@@ -27,7 +27,9 @@ pub fn read(part: &str, bytes: &[u8], dtype: Dtype) -> Result<Matrix, NpyError> 
 /// The matrix of a well-formed, aligned, native-endian C-order `.npy`, copied once;
 /// `None` for anything else, which [`read_copying`] handles and explains.
 fn view(bytes: &[u8], dtype: Dtype) -> Option<Matrix> {
-    fn raw<T: bytemuck::Pod + ndarray_npy::ViewElement>(bytes: &[u8]) -> Option<(usize, usize, Vec<u8>)> {
+    fn raw<T: bytemuck::Pod + ndarray_npy::ViewElement>(
+        bytes: &[u8],
+    ) -> Option<(usize, usize, Vec<u8>)> {
         let view = ArrayView2::<T>::view_npy(bytes).ok()?;
         let (rows, cols) = view.dim();
         let data = view.as_slice()?;

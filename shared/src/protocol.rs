@@ -245,7 +245,13 @@ pub fn encode<M: Serialize>(message: &M) -> Vec<u8> {
 /// Encodes `ToWorker::Operand` from a borrowed panel: the same bytes as
 /// `encode(&ToWorker::Operand(..))` without first copying the panel into an owned message
 /// (panels are megabytes and go to every worker that lacks them).
-pub fn encode_operand(key: OperandKey, dtype: Dtype, rows: u32, cols: u32, bytes: &[u8]) -> Vec<u8> {
+pub fn encode_operand(
+    key: OperandKey,
+    dtype: Dtype,
+    rows: u32,
+    cols: u32,
+    bytes: &[u8],
+) -> Vec<u8> {
     /// Mirrors [`ToWorker`] up to `Operand`: postcard encodes the variant by position.
     #[derive(Serialize)]
     enum Frame<'a> {
