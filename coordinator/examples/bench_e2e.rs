@@ -256,7 +256,7 @@ async fn main() {
     // Per-tile overhead: many tiny tiles over loopback WebSocket.
     let slots = tabgrid_shared::protocol::MAX_SLOTS;
     let grid = start_grid(threads, tiny as u32, slots).await;
-    let m = 512;
+    let m = 1024;
     let k = 8;
     let (ta, tb) = (npy(m, k, &random(m * k, 3)), npy(k, m, &random(k * m, 4)));
     let mut rates = Vec::new();

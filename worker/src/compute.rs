@@ -54,8 +54,16 @@ pub fn build_pool(threads: usize) -> Result<ThreadPool, WorkerError> {
 }
 
 /// Starts a task on the pool; the receiver yields its result.
+///
+/// A tile too small for the kernel to thread is computed right here instead: handing it
+/// to the pool and back costs two thread wake-ups, more than the arithmetic.
 pub fn spawn(pool: &ThreadPool, task: Task) -> oneshot::Receiver<Computed> {
     let (done, result) = oneshot::channel();
+    let work = task.m as f64 * task.n as f64 * task.k as f64;
+    if work < tabgrid_shared::kernels::MIN_PARALLEL_WORK {
+        let _ = done.send(compute(&task));
+        return result;
+    }
     pool.spawn(move || {
         // The receiver is gone when the connection dropped meanwhile; the coordinator has
         // already taken the lease back, so the result is simply not wanted.

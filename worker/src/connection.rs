@@ -242,12 +242,16 @@ impl Worker {
         computing: &mut Option<oneshot::Receiver<Computed>>,
         commands: Vec<Command>,
     ) -> Result<(), Ended> {
+        // Frames of one step (a result and the freed slot) leave in one flush.
+        let mut fed = false;
         for command in commands {
             match command {
                 Command::Send(frame) => {
-                    if let Err(err) = send(socket, &frame).await {
+                    let message = Message::binary(protocol::encode(&frame));
+                    if let Err(err) = socket.feed(message).await {
                         return Err(lost(true, format!("cannot send: {err}")));
                     }
+                    fed = true;
                 }
                 Command::Compute(task) => {
                     debug!(
@@ -261,6 +265,9 @@ impl Worker {
                 }
                 Command::Close(reason) => return Err(violation(socket, reason, true).await),
             }
+        }
+        if fed && let Err(err) = socket.flush().await {
+            return Err(lost(true, format!("cannot send: {err}")));
         }
         Ok(())
     }

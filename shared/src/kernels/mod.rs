@@ -20,6 +20,11 @@ use core::fmt;
 mod parallel;
 mod portable;
 pub mod reference;
+
+/// Products with fewer multiply-adds than this (`m·n·k`) run on the calling thread even
+/// in [`par_gemm`]: threads would cost more than they save.
+#[cfg(feature = "rayon")]
+pub use parallel::MIN_PARALLEL_WORK;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 

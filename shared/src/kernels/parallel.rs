@@ -11,7 +11,7 @@ use super::portable::{self, beta_for_slice};
 use super::{Element, MatMut, MatRef, Path, ShapeError, check_shapes, finish_degenerate};
 
 /// Below this many multiply-adds (`m·n·k`), handing work to the pool costs more than it saves.
-const MIN_PARALLEL_WORK: f64 = 64.0 * 64.0 * 64.0;
+pub const MIN_PARALLEL_WORK: f64 = 64.0 * 64.0 * 64.0;
 
 pub(super) fn par_gemm_with<T: Element>(
     path: Path,
