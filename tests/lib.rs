@@ -6,6 +6,7 @@
 //! a fixed sleep. Every process is killed when its handle drops.
 
 use std::io::{BufRead, BufReader};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use jsonwebtoken::{EncodingKey, Header};
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tabgrid_shared::claims::{Claims, Role};
 use tokio::sync::broadcast;
@@ -143,15 +145,176 @@ impl Lines {
     }
 }
 
-/// A `tabgrid serve` process.
+/// Requests to one coordinator's HTTP API, by base URL. Tests reach it through a
+/// [`Coordinator`] (which derefs to it), or build one for a coordinator they did not start
+/// (`tabgrid cluster`). The helpers unwrap transport errors: a test only checks what the
+/// API answers.
+pub struct ApiClient {
+    pub http: reqwest::Client,
+    /// `http://host:port`, no trailing slash.
+    pub url: String,
+}
+
+impl ApiClient {
+    pub fn new(url: String) -> ApiClient {
+        ApiClient {
+            http: reqwest::Client::new(),
+            url,
+        }
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.url)
+    }
+
+    /// A request to `/api/v1{path}` as `bearer`.
+    pub fn request(&self, method: Method, path: &str, bearer: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.api(path))
+            .bearer_auth(bearer)
+    }
+
+    pub async fn get(&self, path: &str, bearer: &str) -> reqwest::Response {
+        self.request(Method::GET, path, bearer)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The body as JSON, whatever the status: an error reply is JSON too, and the
+    /// caller's checks on it say what went wrong.
+    pub async fn get_json(&self, path: &str, bearer: &str) -> Value {
+        self.get(path, bearer).await.json().await.unwrap()
+    }
+
+    /// A GET that asks for `.npy`.
+    pub async fn get_npy(&self, path: &str, bearer: &str) -> reqwest::Response {
+        self.request(Method::GET, path, bearer)
+            .header("accept", "application/x-npy")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, path: &str, bearer: &str) -> StatusCode {
+        let response = self.request(Method::DELETE, path, bearer).send().await;
+        response.unwrap().status()
+    }
+
+    pub async fn post_json(&self, path: &str, bearer: &str, body: &Value) -> (StatusCode, Value) {
+        status_and_json(self.request(Method::POST, path, bearer).json(body)).await
+    }
+
+    /// A multipart POST: a `spec` part and `.npy` parts, as the CLI submits.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        bearer: &str,
+        form: reqwest::multipart::Form,
+    ) -> (StatusCode, Value) {
+        status_and_json(self.request(Method::POST, path, bearer).multipart(form)).await
+    }
+
+    /// A job's result as JSON: the values of its `data`, row-major.
+    pub async fn result_values(&self, id: &str, bearer: &str) -> Vec<f64> {
+        let body = self.get_json(&format!("/jobs/{id}/result"), bearer).await;
+        values(&body["data"])
+    }
+
+    /// A job's result as `.npy` (which must come back 200): its shape and values.
+    pub async fn result_npy(&self, id: &str, bearer: &str) -> ((usize, usize), Vec<f64>) {
+        let response = self.get_npy(&format!("/jobs/{id}/result"), bearer).await;
+        assert_eq!(response.status(), 200);
+        read_npy(&response.bytes().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Follows a job's SSE stream until `stop` says so for an event; returns that event.
+    pub async fn follow(
+        &self,
+        id: &str,
+        bearer: &str,
+        mut stop: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let response = self.get(&format!("/jobs/{id}/events"), bearer).await;
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut buffer = String::new();
+        let wait = async {
+            while let Some(chunk) = stream.next().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                while let Some(end) = buffer.find("\n\n") {
+                    let event: String = buffer.drain(..end + 2).collect();
+                    for line in event.lines() {
+                        if let Some(data) = line.strip_prefix("data:") {
+                            let value: Value = serde_json::from_str(data.trim()).unwrap();
+                            if stop(&value) {
+                                return value;
+                            }
+                        }
+                    }
+                }
+            }
+            panic!("event stream ended before the awaited event");
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, wait)
+            .await
+            .expect("timed out following job events")
+    }
+
+    /// Waits for a job to reach a final state; returns its last progress event.
+    pub async fn wait_job(&self, id: &str, bearer: &str) -> Value {
+        self.follow(id, bearer, |e| {
+            matches!(e["state"].as_str(), Some("done" | "failed" | "cancelled"))
+        })
+        .await
+    }
+}
+
+/// Sends a request; returns its status and JSON body (`Null` when the body is not JSON, so
+/// that the caller's status check is what fails).
+pub async fn status_and_json(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The numbers of a JSON array (a result's `data`).
+pub fn values(array: &Value) -> Vec<f64> {
+    array
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+/// A `tabgrid serve` process, and (through `Deref`) the [`ApiClient`] for it.
 pub struct Coordinator {
     child: Child,
-    pub url: String,
     pub addr: String,
     pub data_dir: tempfile::TempDir,
     stderr: Lines,
     args: Vec<String>,
-    pub http: reqwest::Client,
+    client: ApiClient,
+}
+
+impl Deref for Coordinator {
+    type Target = ApiClient;
+
+    fn deref(&self) -> &ApiClient {
+        &self.client
+    }
 }
 
 impl Coordinator {
@@ -188,12 +351,11 @@ impl Coordinator {
         let addr = url.trim_start_matches("http://").to_owned();
         Coordinator {
             child,
-            url,
             addr,
             data_dir,
             stderr,
             args,
-            http: reqwest::Client::new(),
+            client: ApiClient::new(url),
         }
     }
 
@@ -225,10 +387,6 @@ impl Coordinator {
         self.stderr.count(needle)
     }
 
-    pub fn api(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.url)
-    }
-
     pub fn ws_url(&self) -> String {
         format!("ws://{}/api/v1/worker", self.addr)
     }
@@ -240,64 +398,6 @@ impl Coordinator {
 
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
-    }
-
-    pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    /// Follows a job's SSE stream until `stop` says so for an event; returns that event.
-    pub async fn follow(
-        &self,
-        id: &str,
-        bearer: &str,
-        mut stop: impl FnMut(&Value) -> bool,
-    ) -> Value {
-        let response = self
-            .http
-            .get(self.api(&format!("/jobs/{id}/events")))
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let mut stream = response.bytes_stream();
-        let mut buffer = String::new();
-        let wait = async {
-            while let Some(chunk) = stream.next().await {
-                buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-                while let Some(end) = buffer.find("\n\n") {
-                    let event: String = buffer.drain(..end + 2).collect();
-                    for line in event.lines() {
-                        if let Some(data) = line.strip_prefix("data:") {
-                            let value: Value = serde_json::from_str(data.trim()).unwrap();
-                            if stop(&value) {
-                                return value;
-                            }
-                        }
-                    }
-                }
-            }
-            panic!("event stream ended before the awaited event");
-        };
-        tokio::time::timeout(EVENT_TIMEOUT, wait)
-            .await
-            .expect("timed out following job events")
-    }
-
-    /// Waits for a job to reach a final state; returns its last progress event.
-    pub async fn wait_job(&self, id: &str, bearer: &str) -> Value {
-        self.follow(id, bearer, |e| {
-            matches!(e["state"].as_str(), Some("done" | "failed" | "cancelled"))
-        })
-        .await
     }
 }
 
@@ -430,23 +530,20 @@ pub fn assert_close(got: &[f64], want: &[f64], k: usize, f32_job: bool) {
 
 /// `.npy` bytes of a row-major matrix.
 pub fn npy_f64(rows: usize, cols: usize, data: &[f64]) -> Vec<u8> {
-    use ndarray_npy::WriteNpyExt;
-    let mut out = Vec::new();
-    ndarray::Array2::from_shape_vec((rows, cols), data.to_vec())
-        .unwrap()
-        .write_npy(&mut out)
-        .unwrap();
-    out
+    npy(rows, cols, data)
 }
 
+/// `.npy` bytes of a row-major matrix, rounded to f32.
 pub fn npy_f32(rows: usize, cols: usize, data: &[f64]) -> Vec<u8> {
-    use ndarray_npy::WriteNpyExt;
-    let mut out = Vec::new();
     let data: Vec<f32> = data.iter().map(|&v| v as f32).collect();
-    ndarray::Array2::from_shape_vec((rows, cols), data)
-        .unwrap()
-        .write_npy(&mut out)
-        .unwrap();
+    npy(rows, cols, &data)
+}
+
+fn npy<T: ndarray_npy::WritableElement>(rows: usize, cols: usize, data: &[T]) -> Vec<u8> {
+    use ndarray_npy::WriteNpyExt;
+    let view = ndarray::ArrayView2::from_shape((rows, cols), data).expect("rows×cols values");
+    let mut out = Vec::new();
+    view.write_npy(&mut out).expect("writing to memory");
     out
 }
 

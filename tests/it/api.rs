@@ -1,8 +1,8 @@
 //! The HTTP API's contract for bad input and access control, against a real coordinator
 //! process (no workers needed: nothing here computes).
 
-use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tabgrid_shared::claims::Role;
 use tabgrid_tests::*;
@@ -15,16 +15,7 @@ fn job(m: usize, k: usize, n: usize) -> Value {
     })
 }
 
-async fn post(c: &Coordinator, bearer: Option<&str>, body: &Value) -> (StatusCode, Value) {
-    let mut request = c.http.post(c.api("/jobs")).json(body);
-    if let Some(t) = bearer {
-        request = request.bearer_auth(t);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
+/// Submits `.npy` parts with file names, as the CLI sends them.
 async fn multipart(
     c: &Coordinator,
     bearer: &str,
@@ -35,16 +26,7 @@ async fn multipart(
     for (name, bytes) in parts {
         form = form.part(name, Part::bytes(bytes).file_name(format!("{name}.npy")));
     }
-    let response = c
-        .http
-        .post(c.api("/jobs"))
-        .bearer_auth(bearer)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
+    c.post_form("/jobs", bearer, form).await
 }
 
 fn detail(body: &Value) -> &str {
@@ -59,20 +41,20 @@ async fn bad_input_gets_400_naming_the_part() {
     let mut body = job(2, 3, 4);
     body["b"]["shape"] = json!([4, 3]);
     body["b"]["data"] = json!(random_matrix(4, 3, 2));
-    let (status, reply) = post(&c, Some(&t), &body).await;
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("A is 2x3 and B is 4x3"), "{reply}");
     assert_eq!(reply["error"], "bad_request");
 
     let mut body = job(2, 3, 4);
     body["dtype"] = json!("int8");
-    let (status, reply) = post(&c, Some(&t), &body).await;
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("int8"), "{reply}");
 
     let mut body = job(2, 3, 4);
     body["a"]["data"] = json!([1.0, 2.0]);
-    let (status, reply) = post(&c, Some(&t), &body).await;
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
     assert_eq!(status, 400);
     assert!(
         detail(&reply).contains("a: data has 2 values but shape [2, 3] needs 6"),
@@ -81,29 +63,24 @@ async fn bad_input_gets_400_naming_the_part() {
 
     let mut body = job(2, 3, 4);
     body["c"] = json!({"shape": [3, 3], "data": random_matrix(3, 3, 3)});
-    let (status, reply) = post(&c, Some(&t), &body).await;
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
     assert_eq!(status, 400);
     assert!(
         detail(&reply).contains("C is 3x3 but A·B is 2x4"),
         "{reply}"
     );
 
-    let response = c
-        .http
-        .post(c.api("/jobs"))
-        .bearer_auth(&t)
+    let truncated_json = c
+        .request(Method::POST, "/jobs", &t)
         .header("content-type", "application/json")
-        .body("{\"op\": \"gemm\", ")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    let reply: Value = response.json().await.unwrap();
+        .body("{\"op\": \"gemm\", ");
+    let (status, reply) = status_and_json(truncated_json).await;
+    assert_eq!(status, 400);
     assert!(detail(&reply).contains("not valid job JSON"), "{reply}");
 
     let mut body = job(1, 1, 1);
     body["op"] = json!("conv2d");
-    let (status, reply) = post(&c, Some(&t), &body).await;
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("conv2d"), "{reply}");
 
@@ -219,7 +196,7 @@ async fn oversized_bodies_get_413() {
     assert!(status.contains("413"), "{status}");
     assert!(body.contains("too_large"), "{body}");
 
-    let (status, _) = post(&c, Some(&t), &job(10, 10, 2)).await;
+    let (status, _) = c.post_json("/jobs", &t, &job(10, 10, 2)).await;
     assert_eq!(
         status,
         StatusCode::CREATED,
@@ -234,117 +211,68 @@ async fn tokens_roles_and_ownership() {
     let bob = token("bob", Role::Submitter);
     let admin = token("root", Role::Admin);
 
-    let (status, reply) = post(&c, None, &job(2, 2, 2)).await;
+    // Built by hand: every helper sends a bearer token.
+    let (status, reply) = status_and_json(c.http.post(c.api("/jobs")).json(&job(2, 2, 2))).await;
     assert_eq!(status, 401);
     assert!(detail(&reply).contains("missing bearer token"), "{reply}");
 
     let forged = token_with("ada", Role::Admin, now() + 3600, "not-the-secret");
-    let (status, reply) = post(&c, Some(&forged), &job(2, 2, 2)).await;
+    let (status, reply) = c.post_json("/jobs", &forged, &job(2, 2, 2)).await;
     assert_eq!(status, 401);
     assert!(detail(&reply).contains("signature"), "{reply}");
 
     let expired = token_with("ada", Role::Submitter, now() - 600, SECRET);
-    let (status, reply) = post(&c, Some(&expired), &job(2, 2, 2)).await;
+    let (status, reply) = c.post_json("/jobs", &expired, &job(2, 2, 2)).await;
     assert_eq!(status, 401);
     assert!(detail(&reply).contains("expired"), "{reply}");
 
     let volunteer = token("vic", Role::Volunteer);
-    let (status, reply) = post(&c, Some(&volunteer), &job(2, 2, 2)).await;
+    let (status, reply) = c.post_json("/jobs", &volunteer, &job(2, 2, 2)).await;
     assert_eq!(status, 403);
     assert!(detail(&reply).contains("volunteer"), "{reply}");
 
-    let (status, reply) = post(&c, Some(&ada), &job(2, 2, 2)).await;
+    let (status, reply) = c.post_json("/jobs", &ada, &job(2, 2, 2)).await;
     assert_eq!(status, 201, "{reply}");
     let id = reply["id"].as_str().unwrap().to_owned();
     assert_eq!(reply["state"], "queued");
     assert_eq!(reply["tiles_total"], 1);
 
-    let get = |bearer: String, path: String| {
-        let c = &c;
-        async move {
-            c.http
-                .get(c.api(&path))
-                .bearer_auth(bearer)
-                .send()
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(get(bob.clone(), format!("/jobs/{id}")).await.status(), 403);
-    assert_eq!(
-        get(bob.clone(), format!("/jobs/{id}/result"))
-            .await
-            .status(),
-        403
-    );
-    let response = c
-        .http
-        .delete(c.api(&format!("/jobs/{id}")))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 403);
-    assert_eq!(get(ada.clone(), format!("/jobs/{id}")).await.status(), 200);
-    assert_eq!(
-        get(admin.clone(), format!("/jobs/{id}")).await.status(),
-        200
-    );
+    let job_path = format!("/jobs/{id}");
+    let result_path = format!("/jobs/{id}/result");
+    assert_eq!(c.get(&job_path, &bob).await.status(), 403);
+    assert_eq!(c.get(&result_path, &bob).await.status(), 403);
+    assert_eq!(c.delete(&job_path, &bob).await, 403);
+    assert_eq!(c.get(&job_path, &ada).await.status(), 200);
+    assert_eq!(c.get(&job_path, &admin).await.status(), 200);
 
     // No worker is connected, so the job cannot be done yet.
-    let response = get(ada.clone(), format!("/jobs/{id}/result")).await;
+    let response = c.get(&result_path, &ada).await;
     assert_eq!(response.status(), 409);
     let reply: Value = response.json().await.unwrap();
     assert!(detail(&reply).contains("queued"), "{reply}");
 
-    assert_eq!(
-        get(
-            ada.clone(),
-            "/jobs/00000000-0000-0000-0000-000000000000".into()
-        )
-        .await
-        .status(),
-        404
-    );
-    let list: Value = get(bob.clone(), "/jobs".into()).await.json().await.unwrap();
+    let unknown = "/jobs/00000000-0000-0000-0000-000000000000";
+    assert_eq!(c.get(unknown, &ada).await.status(), 404);
+    let list = c.get_json("/jobs", &bob).await;
     assert_eq!(
         list["jobs"].as_array().unwrap().len(),
         0,
         "bob sees only his jobs"
     );
-    let list: Value = get(admin.clone(), "/jobs".into())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list = c.get_json("/jobs", &admin).await;
     assert_eq!(
         list["jobs"].as_array().unwrap().len(),
         1,
         "admin sees all jobs"
     );
 
-    assert_eq!(get(ada.clone(), "/workers".into()).await.status(), 403);
-    assert_eq!(get(admin.clone(), "/workers".into()).await.status(), 200);
+    assert_eq!(c.get("/workers", &ada).await.status(), 403);
+    assert_eq!(c.get("/workers", &admin).await.status(), 200);
 
-    let response = c
-        .http
-        .delete(c.api(&format!("/jobs/{id}")))
-        .bearer_auth(&ada)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
-    assert_eq!(get(ada.clone(), format!("/jobs/{id}")).await.status(), 404);
+    assert_eq!(c.delete(&job_path, &ada).await, 204);
+    assert_eq!(c.get(&job_path, &ada).await.status(), 404);
 
-    let health: Value = c
-        .http
-        .get(c.api("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, health) = status_and_json(c.http.get(c.api("/healthz"))).await;
     assert_eq!(health["status"], "ok");
     let metrics = c.metrics().await;
     assert!(

@@ -161,50 +161,22 @@ async fn cluster_is_a_working_grid_in_one_command() {
     assert!(output.status.success());
     let submitter = String::from_utf8(output.stdout).unwrap().trim().to_owned();
 
-    let http = reqwest::Client::new();
+    let api = ApiClient::new(url);
     let (m, k, n) = (300, 100, 280);
     let a = random_matrix(m, k, 5);
     let b = random_matrix(k, n, 6);
     let body = serde_json::json!({"op": "gemm", "dtype": "f64", "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b}});
-    let reply: Value = http
-        .post(format!("{url}/api/v1/jobs"))
-        .bearer_auth(&submitter)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, reply) = api.post_json("/jobs", &submitter, &body).await;
     let id = reply["id"].as_str().unwrap().to_owned();
 
-    // Follow the job over SSE until it is done.
-    let response = http
-        .get(format!("{url}/api/v1/jobs/{id}/events"))
-        .bearer_auth(&submitter)
-        .send()
-        .await
-        .unwrap();
+    // Follow the job over SSE until it is done (the stream ends after the final event).
+    let response = api.get(&format!("/jobs/{id}/events"), &submitter).await;
     let text = tokio::time::timeout(EVENT_TIMEOUT, response.text())
         .await
         .unwrap()
         .unwrap();
     assert!(text.contains("\"state\":\"done\""), "{text}");
-    let body: Value = http
-        .get(format!("{url}/api/v1/jobs/{id}/result"))
-        .bearer_auth(&submitter)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let got: Vec<f64> = body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let got = api.result_values(&id, &submitter).await;
     assert_close(
         &got,
         &reference((m, k, n), 1.0, &a, &b, 0.0, None),
@@ -213,15 +185,7 @@ async fn cluster_is_a_working_grid_in_one_command() {
     );
 
     log.wait_for("worker connected", 2).await;
-    let workers: Value = http
-        .get(format!("{url}/api/v1/workers"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let workers = api.get_json("/workers", &admin).await;
     assert_eq!(workers["workers"].as_array().unwrap().len(), 2, "{workers}");
     let _ = child.kill();
     let _ = child.wait();

@@ -2,7 +2,7 @@
 //! `.npy`, in f32 and f64, with and without C, several at once from several submitters.
 
 use reqwest::multipart::{Form, Part};
-use serde_json::{Value, json};
+use serde_json::json;
 use tabgrid_shared::claims::Role;
 use tabgrid_tests::*;
 
@@ -54,7 +54,7 @@ async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
         cm = cm.map(|c| as_f32(&c));
     }
     let dtype = if f32 { "f32" } else { "f64" };
-    let request = if npy {
+    let (status, reply) = if npy {
         let encode = |r, c, d: &[f64]| {
             if f32 {
                 npy_f32(r, c, d)
@@ -70,7 +70,7 @@ async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
         if let Some(cm) = &cm {
             form = form.part("c", Part::bytes(encode(m, n, cm)));
         }
-        c.http.post(c.api("/jobs")).multipart(form)
+        c.post_form("/jobs", bearer, form).await
     } else {
         let mut body = json!({
             "op": "gemm", "dtype": dtype, "alpha": alpha, "beta": beta,
@@ -79,51 +79,30 @@ async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
         if let Some(cm) = &cm {
             body["c"] = json!({"shape": [m, n], "data": cm});
         }
-        c.http.post(c.api("/jobs")).json(&body)
+        c.post_json("/jobs", bearer, &body).await
     };
-    let response = request.bearer_auth(bearer).send().await.unwrap();
-    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-    let reply: Value = response.json().await.unwrap();
+    assert_eq!(status, 201, "{reply}");
     let id = reply["id"].as_str().unwrap().to_owned();
     let last = c.wait_job(&id, bearer).await;
     assert_eq!(last["state"], "done", "{last}");
     assert_eq!(last["tiles_done"], last["tiles_total"]);
 
     let want = reference((m, k, n), alpha, &a, &b, beta, cm.as_deref());
-    let url = c.api(&format!("/jobs/{id}/result"));
+    let path = format!("/jobs/{id}/result");
     let got = if npy {
-        let response = c
-            .http
-            .get(&url)
-            .bearer_auth(bearer)
-            .header("accept", "application/x-npy")
-            .send()
-            .await
-            .unwrap();
+        // Not `result_npy`: this also checks the reply says it is `.npy`.
+        let response = c.get_npy(&path, bearer).await;
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "application/x-npy");
         let ((rows, cols), values) = read_npy(&response.bytes().await.unwrap());
         assert_eq!((rows, cols), (m, n));
         values
     } else {
-        let body: Value = c
-            .http
-            .get(&url)
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        // Not `result_values`: this also checks the shape and dtype beside the data.
+        let body = c.get_json(&path, bearer).await;
         assert_eq!(body["shape"], json!([m, n]));
         assert_eq!(body["dtype"], dtype);
-        body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect()
+        values(&body["data"])
     };
     assert_close(&got, &want, k, f32);
 }
@@ -186,16 +165,7 @@ async fn odd_shapes_dtypes_and_paths_match_the_reference() {
         run_case(&c, &t, case, 10 * i as u64).await;
     }
     let admin = token("root", Role::Admin);
-    let workers: Value = c
-        .http
-        .get(c.api("/workers"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let workers = c.get_json("/workers", &admin).await;
     let workers = workers["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2);
     assert!(
@@ -247,17 +217,7 @@ async fn progress_events_end_with_the_final_state() {
         "a": {"shape": [600, 64], "data": random_matrix(600, 64, 1)},
         "b": {"shape": [64, 600], "data": random_matrix(64, 600, 2)},
     });
-    let reply: Value = c
-        .http
-        .post(c.api("/jobs"))
-        .bearer_auth(&t)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, reply) = c.post_json("/jobs", &t, &body).await;
     let id = reply["id"].as_str().unwrap().to_owned();
     assert_eq!(reply["tiles_total"], 9);
     // The first event shows the queued job; a worker joining later runs it.

@@ -1,51 +1,48 @@
 //! Faults with real processes: a worker killed mid-job, a coordinator restarted under its
 //! workers, a running job deleted.
 
-use serde_json::{Value, json};
+use reqwest::multipart::{Form, Part};
+use serde_json::json;
 use tabgrid_shared::claims::Role;
 use tabgrid_tests::*;
 
-/// Submits an f32 job big enough to take a while on one thread; returns (id, a, b).
-async fn submit_big(
-    c: &Coordinator,
-    bearer: &str,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> (String, Vec<f64>, Vec<f64>) {
-    let a = as_f32(&random_matrix(m, k, 7));
-    let b = as_f32(&random_matrix(k, n, 8));
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "spec",
-            reqwest::multipart::Part::text(json!({"op": "gemm", "dtype": "f32"}).to_string()),
-        )
-        .part("a", reqwest::multipart::Part::bytes(npy_f32(m, k, &a)))
-        .part("b", reqwest::multipart::Part::bytes(npy_f32(k, n, &b)));
-    let response = c
-        .http
-        .post(c.api("/jobs"))
-        .bearer_auth(bearer)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let reply: Value = response.json().await.unwrap();
-    (reply["id"].as_str().unwrap().to_owned(), a, b)
+/// An f32 job submitted as `.npy`, with the operands its result is checked against.
+struct F32Job {
+    id: String,
+    dims: (usize, usize, usize),
+    a: Vec<f64>,
+    b: Vec<f64>,
 }
 
-async fn result_npy(c: &Coordinator, bearer: &str, id: &str) -> Vec<f64> {
-    let response = c
-        .http
-        .get(c.api(&format!("/jobs/{id}/result")))
-        .bearer_auth(bearer)
-        .header("accept", "application/x-npy")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    read_npy(&response.bytes().await.unwrap()).1
+impl F32Job {
+    /// Waits for the job to end: it must be done, and equal to the reference.
+    async fn assert_done_and_correct(&self, c: &Coordinator, bearer: &str) {
+        let last = c.wait_job(&self.id, bearer).await;
+        assert_eq!(last["state"], "done");
+        let (_, got) = c.result_npy(&self.id, bearer).await;
+        let (m, k, n) = self.dims;
+        let want = reference((m, k, n), 1.0, &self.a, &self.b, 0.0, None);
+        assert_close(&got, &want, k, true);
+    }
+}
+
+/// Submits an f32 job big enough to take a while on one thread.
+async fn submit_big(c: &Coordinator, bearer: &str, m: usize, k: usize, n: usize) -> F32Job {
+    let a = as_f32(&random_matrix(m, k, 7));
+    let b = as_f32(&random_matrix(k, n, 8));
+    let spec = json!({"op": "gemm", "dtype": "f32"});
+    let form = Form::new()
+        .part("spec", Part::text(spec.to_string()))
+        .part("a", Part::bytes(npy_f32(m, k, &a)))
+        .part("b", Part::bytes(npy_f32(k, n, &b)));
+    let (status, reply) = c.post_form("/jobs", bearer, form).await;
+    assert_eq!(status, 201);
+    F32Job {
+        id: reply["id"].as_str().unwrap().to_owned(),
+        dims: (m, k, n),
+        a,
+        b,
+    }
 }
 
 #[tokio::test]
@@ -55,33 +52,20 @@ async fn a_worker_killed_mid_job_costs_only_a_retry() {
     let _survivor = c.worker("survivor", 1);
     c.wait_workers_connected(2).await;
     let t = token("ada", Role::Submitter);
-    let (m, k, n) = (1280, 1024, 1280);
-    let (id, a, b) = submit_big(&c, &t, m, k, n).await;
+    let job = submit_big(&c, &t, 1280, 1024, 1280).await;
 
     // Kill one worker as soon as the job is under way (25 tiles in all).
     let event = c
-        .follow(&id, &t, |e| e["tiles_done"].as_u64().unwrap_or(0) >= 1)
+        .follow(&job.id, &t, |e| e["tiles_done"].as_u64().unwrap_or(0) >= 1)
         .await;
     doomed.kill9();
     assert_ne!(event["state"], "done", "the kill must land mid-job");
     c.wait_log("worker disconnected", 1).await;
 
-    let last = c.wait_job(&id, &t).await;
-    assert_eq!(last["state"], "done");
-    let got = result_npy(&c, &t, &id).await;
-    assert_close(&got, &reference((m, k, n), 1.0, &a, &b, 0.0, None), k, true);
+    job.assert_done_and_correct(&c, &t).await;
 
     let admin = token("root", Role::Admin);
-    let workers: Value = c
-        .http
-        .get(c.api("/workers"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let workers = c.get_json("/workers", &admin).await;
     let workers = workers["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 1, "the killed worker is gone: {workers:?}");
     assert_eq!(workers[0]["subject"], "survivor");
@@ -102,16 +86,8 @@ async fn workers_reconnect_to_a_restarted_coordinator() {
     assert!(worker.try_wait().is_none(), "the worker kept running");
 
     let t = token("ada", Role::Submitter);
-    let (id, a, b) = submit_big(&c, &t, 300, 40, 300).await;
-    let last = c.wait_job(&id, &t).await;
-    assert_eq!(last["state"], "done");
-    let got = result_npy(&c, &t, &id).await;
-    assert_close(
-        &got,
-        &reference((300, 40, 300), 1.0, &a, &b, 0.0, None),
-        40,
-        true,
-    );
+    let job = submit_big(&c, &t, 300, 40, 300).await;
+    job.assert_done_and_correct(&c, &t).await;
 }
 
 #[tokio::test]
@@ -120,25 +96,12 @@ async fn deleting_a_running_job_cancels_its_leases() {
     let _worker = c.worker("w", 1);
     c.wait_workers_connected(1).await;
     let t = token("ada", Role::Submitter);
-    let (id, _, _) = submit_big(&c, &t, 2048, 1024, 2048).await;
+    let id = submit_big(&c, &t, 2048, 1024, 2048).await.id;
     c.follow(&id, &t, |e| e["state"] == "running").await;
 
-    let response = c
-        .http
-        .delete(c.api(&format!("/jobs/{id}")))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
-    let response = c
-        .http
-        .get(c.api(&format!("/jobs/{id}")))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
+    let path = format!("/jobs/{id}");
+    assert_eq!(c.delete(&path, &t).await, 204);
+    assert_eq!(c.get(&path, &t).await.status(), 404);
     let metrics = c.metrics().await;
     assert!(
         metrics.contains("tabgrid_jobs{state=\"running\"} 0"),
@@ -151,14 +114,6 @@ async fn deleting_a_running_job_cancels_its_leases() {
 
     // The worker was told to drop the job's leases: the next job runs at once, not after
     // the cancelled job's remaining tiles.
-    let (next, a, b) = submit_big(&c, &t, 64, 64, 64).await;
-    let last = c.wait_job(&next, &t).await;
-    assert_eq!(last["state"], "done");
-    let got = result_npy(&c, &t, &next).await;
-    assert_close(
-        &got,
-        &reference((64, 64, 64), 1.0, &a, &b, 0.0, None),
-        64,
-        true,
-    );
+    let next = submit_big(&c, &t, 64, 64, 64).await;
+    next.assert_done_and_correct(&c, &t).await;
 }

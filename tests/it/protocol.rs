@@ -2,7 +2,7 @@
 //! stays healthy and real workers and jobs carry on.
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tabgrid_shared::claims::Role;
 use tabgrid_shared::protocol::{
     self, Hello, PROTOCOL_VERSION, TileResult, ToCoordinator, ToWorker, WorkerKind,
@@ -100,17 +100,7 @@ async fn submit(
     let a = random_matrix(m, k, 3);
     let b = random_matrix(k, n, 4);
     let body = json!({"op": "gemm", "dtype": "f64", "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b}});
-    let reply: Value = c
-        .http
-        .post(c.api("/jobs"))
-        .bearer_auth(bearer)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, reply) = c.post_json("/jobs", bearer, &body).await;
     (reply["id"].as_str().unwrap().to_owned(), a, b)
 }
 
@@ -268,22 +258,7 @@ async fn bad_peers_are_closed_with_a_reason_and_harm_no_one() {
     assert_eq!(last["state"], "done");
     let (id2, a, b) = submit(&c, &t, 33, 44, 55).await;
     assert_eq!(c.wait_job(&id2, &t).await["state"], "done");
-    let body: Value = c
-        .http
-        .get(c.api(&format!("/jobs/{id2}/result")))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let got: Vec<f64> = body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let got = c.result_values(&id2, &t).await;
     assert_close(
         &got,
         &reference((33, 44, 55), 1.0, &a, &b, 0.0, None),
