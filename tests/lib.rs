@@ -435,6 +435,15 @@ impl Worker {
         self.child.wait().unwrap();
     }
 
+    /// SIGINT, as Ctrl-C in a terminal sends.
+    pub fn interrupt(&mut self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

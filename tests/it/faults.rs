@@ -1,5 +1,5 @@
-//! Faults with real processes: a worker killed mid-job, a coordinator restarted under its
-//! workers, a running job deleted.
+//! Faults with real processes: a worker killed mid-job or stopped with Ctrl-C, a
+//! coordinator restarted under its workers, a running job deleted.
 
 use reqwest::multipart::{Form, Part};
 use serde_json::json;
@@ -74,6 +74,35 @@ async fn a_worker_killed_mid_job_costs_only_a_retry() {
         metrics.contains("tabgrid_tiles_reassigned_total{reason=\"disconnected\"}"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_worker_stopped_with_ctrl_c_gives_its_leases_back() {
+    let c = Coordinator::start(&[]).await;
+    let mut leaving = c.worker("leaving", 1);
+    c.wait_workers_connected(1).await;
+    let t = token("ada", Role::Submitter);
+    let job = submit_big(&c, &t, 2048, 1024, 2048).await;
+    let event = c
+        .follow(&job.id, &t, |e| e["tiles_done"].as_u64().unwrap_or(0) >= 1)
+        .await;
+    assert_ne!(event["state"], "done");
+    leaving.interrupt();
+    let status = tokio::task::spawn_blocking(move || leaving.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "Ctrl-C is a clean exit: {status}");
+    c.wait_log("worker disconnected", 1).await;
+
+    // Its leases came back on the close, not after a deadline.
+    let metrics = c.metrics().await;
+    assert!(
+        metrics.contains("tabgrid_tiles_reassigned_total{reason=\"disconnected\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("reason=\"expired\""), "{metrics}");
+    let _next = c.worker("next", 1);
+    job.assert_done_and_correct(&c, &t).await;
 }
 
 #[tokio::test]
