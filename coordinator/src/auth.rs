@@ -166,9 +166,8 @@ pub fn unix_now() -> u64 {
 }
 
 /// The bearer token of a request, if any.
-pub fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts
-        .headers
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
@@ -202,7 +201,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let result = match bearer(parts) {
+        let result = match bearer(&parts.headers) {
             None => Err(TokenError::Missing),
             Some(token) => state.keys.verify(token),
         };

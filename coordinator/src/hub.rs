@@ -47,7 +47,7 @@ pub async fn worker_socket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let header_claims = match bearer_header(&headers) {
+    let header_claims = match crate::auth::bearer(&headers) {
         None => None,
         Some(token) => match state.keys.verify(token) {
             Ok(claims) => Some(claims),
@@ -68,15 +68,6 @@ pub async fn worker_socket(
             .run(header_claims)
             .await;
         })
-}
-
-fn bearer_header(headers: &HeaderMap) -> Option<&str> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Why a connection ends early: a close code and a reason for the peer.
