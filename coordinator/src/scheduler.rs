@@ -182,6 +182,9 @@ struct JobState {
     /// Active leases per tile.
     active: HashMap<TileIndex, Vec<LeaseId>>,
     active_count: usize,
+    /// Expired leases per open tile: their workers may still be computing them, and are
+    /// told to stop once another copy is accepted.
+    expired: HashMap<TileIndex, Vec<LeaseId>>,
     done: Vec<bool>,
     done_count: u64,
     last_assigned: Millis,
@@ -338,6 +341,7 @@ impl Scheduler {
             nonempty_rows: BTreeSet::new(),
             pending: 0,
             active: HashMap::new(),
+            expired: HashMap::new(),
             active_count: 0,
             done: vec![false; total],
             done_count: 0,
@@ -536,7 +540,23 @@ impl Scheduler {
         let flops = job.tiles.plan.tile_flops(tile.0, tile.1);
         let others = job.active.remove(&tile).unwrap_or_default();
         job.active_count -= others.len();
+        // Almost always empty: skip hashing the tile on the hot path.
+        let expired = if job.expired.is_empty() {
+            Vec::new()
+        } else {
+            job.expired.remove(&tile).unwrap_or_default()
+        };
         let complete = job.done_count == job.tiles.plan.tile_count();
+        // Workers still computing an expired copy stop; their lease stays remembered, so a
+        // result already on its way is recognised, not taken for a fault.
+        for id in expired {
+            if let Some(l) = self.retired.get(&id).filter(|_| id != lease) {
+                self.out.push(Command::Cancel {
+                    worker: l.worker,
+                    lease: id,
+                });
+            }
+        }
         for other in others {
             if let Some(l) = self.leases.remove(&other) {
                 // The accepted lease itself is among the copies: it is done, not cancelled.
@@ -600,6 +620,9 @@ impl Scheduler {
             }
             self.stats.expired += 1;
             self.retire(id, false);
+            if let Some(job) = self.jobs.get_mut(&lease.job) {
+                job.expired.entry(lease.tile).or_default().push(id);
+            }
         }
         self.dispatch_idle(now);
     }

@@ -659,6 +659,8 @@ fn an_expired_lease_goes_to_another_worker_and_a_late_result_still_counts() {
             let (fresh, commands) = h.accept(2, second.lease);
             assert!(fresh);
             assert_eq!(completions(&commands), vec![1]);
+            // The slow worker is still computing the expired copy: it is told to stop.
+            assert_eq!(cancels(&commands), vec![(1, first.lease)]);
             let (fresh, _) = h.accept(1, first.lease);
             assert!(!fresh, "the tile was done");
         }
