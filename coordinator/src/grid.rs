@@ -201,13 +201,6 @@ struct Inner {
     next_worker: WorkerId,
 }
 
-/// Why a submission could not enter the grid.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// Why a result was refused in a way that ends the worker's connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ResultError {
@@ -266,7 +259,7 @@ impl Grid {
     }
 
     /// Records and schedules a prepared job; idle workers start on it at once.
-    pub fn submit(&self, prepared: PreparedJob) -> Result<JobRecord, SubmitError> {
+    pub fn submit(&self, prepared: PreparedJob) -> Result<JobRecord, StoreError> {
         let PreparedJob {
             job,
             a_panels,
@@ -422,7 +415,18 @@ impl Grid {
 
     pub fn workers(&self) -> Vec<WorkerInfo> {
         let inner = self.lock();
-        let mut list: Vec<WorkerInfo> = inner.workers.values().map(|w| w.info.clone()).collect();
+        let mut list: Vec<WorkerInfo> = inner
+            .workers
+            .values()
+            .map(|w| WorkerInfo {
+                // The scheduler's estimate: the worker's own bench, then its results.
+                gflops: inner
+                    .scheduler
+                    .worker_gflops(w.info.id)
+                    .unwrap_or(w.info.gflops),
+                ..w.info.clone()
+            })
+            .collect();
         list.sort_by_key(|w| w.id);
         list
     }
@@ -508,20 +512,10 @@ impl Grid {
             &result.payload,
         );
         job.record.tiles_done += 1;
-        let k = job.plan.k;
         let progress = job.progress();
         job.progress.send_replace(progress);
         if let Some(conn) = inner.workers.get_mut(&worker) {
             conn.info.tiles_done += 1;
-            if result.compute_micros > 0 {
-                let flops = 2.0 * rows.len() as f64 * cols.len() as f64 * f64::from(k);
-                let gflops = flops / result.compute_micros as f64 / 1e3;
-                conn.info.gflops = if conn.info.tiles_done == 1 {
-                    gflops
-                } else {
-                    0.8 * conn.info.gflops + 0.2 * gflops
-                };
-            }
         }
         self.metrics
             .tile_accepted(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0));

@@ -302,6 +302,11 @@ impl Scheduler {
             .map(|j| (j.done_count, j.tiles.plan.tile_count()))
     }
 
+    /// A worker's speed estimate, GFLOP/s: its bench, then learnt from its results.
+    pub fn worker_gflops(&self, worker: WorkerId) -> Option<f64> {
+        self.workers.get(&worker).map(|w| w.gflops)
+    }
+
     pub fn active_leases(&self) -> usize {
         self.leases.len()
     }
