@@ -19,6 +19,8 @@ use serde_json::Value;
 use tabgrid_shared::claims::{Claims, Role};
 use tokio::sync::broadcast;
 
+pub mod browser;
+
 /// The secret every test coordinator signs with, so tests mint tokens themselves.
 pub const SECRET: &str = "tabgrid-test-secret";
 

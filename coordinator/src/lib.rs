@@ -18,6 +18,8 @@ pub mod npy;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod volunteers;
+pub mod www;
 
 use std::sync::Arc;
 
@@ -44,10 +46,18 @@ impl Coordinator {
                 grid,
                 keys: Arc::new(auth::Keys::new(secret)),
                 config: Arc::new(config),
+                site: Arc::new(www::Site::default()),
+                volunteer_limiter: Arc::new(volunteers::RateLimiter::default()),
                 shutdown,
             },
             stop,
         }
+    }
+
+    /// Serves `site` at `/` (the volunteer page; empty by default).
+    pub fn with_site(mut self, site: www::Site) -> Coordinator {
+        self.state.site = Arc::new(site);
+        self
     }
 
     /// Serves on `listener` until `shutdown` resolves.

@@ -13,6 +13,8 @@ use tabgrid_coordinator::auth::{Keys, Secret};
 use tabgrid_coordinator::client::{Client, Submission};
 use tabgrid_coordinator::scheduler::SchedulerConfig;
 use tabgrid_coordinator::store::MemoryStore;
+use tabgrid_coordinator::volunteers::VolunteerMode;
+use tabgrid_coordinator::www::Site;
 use tabgrid_coordinator::{Coordinator, ServeConfig};
 use tabgrid_shared::claims::Role;
 
@@ -64,6 +66,16 @@ struct ServerArgs {
     /// Preferred tile edge (benchmarks shrink it to measure per-tile overhead).
     #[arg(long, default_value_t = tabgrid_shared::tiling::PREFERRED_EDGE, hide = true)]
     tile_edge: u32,
+    /// `open`: any tab that opens the page gets a short-lived volunteer token (rate-limited
+    /// per address); `token`: a tab needs a volunteer token in its URL (`/#token=JWT`).
+    #[arg(long, env = "TABGRID_VOLUNTEERS", default_value = "open")]
+    volunteers: VolunteerMode,
+    /// The volunteer page's folder (`www/` of a checkout, with bundles from `cargo xtask wasm`).
+    #[arg(long, env = "TABGRID_WWW", default_value_os_t = tabgrid_coordinator::www::default_dir())]
+    www: PathBuf,
+    /// Send the cross-origin isolation headers (`off` only shows the one-thread fallback).
+    #[arg(long, default_value = "on", value_parser = parse_on_off, hide = true)]
+    isolation: bool,
 }
 
 #[derive(Args)]
@@ -160,6 +172,14 @@ struct ResultArgs {
 fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s)
         .ok_or_else(|| format!("unknown role {s:?}: expected admin, submitter or volunteer"))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, not {other:?}")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -304,13 +324,27 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         heartbeat_secs: args.heartbeat_secs.max(1),
         tile_edge: args.tile_edge.max(1),
+        volunteers: args.volunteers,
         ..ServeConfig::default()
     };
+    let site = Site::load(&args.www, args.isolation)?;
+    if !site.has_page() {
+        tracing::warn!(
+            www = %args.www.display(),
+            "no volunteer page there: browsers get an explanation instead (see --www)"
+        );
+    } else if !site.has_bundles() {
+        tracing::warn!(
+            www = %args.www.display(),
+            "the volunteer page has no WebAssembly bundles: run `cargo xtask wasm` and restart"
+        );
+    }
     let scheduler = SchedulerConfig {
         lease_floor_ms: args.lease_floor_ms,
         ..SchedulerConfig::default()
     };
-    let coordinator = Coordinator::new(Arc::new(MemoryStore::new()), &secret, config, scheduler);
+    let coordinator =
+        Coordinator::new(Arc::new(MemoryStore::new()), &secret, config, scheduler).with_site(site);
     let keys = coordinator.state.keys.clone();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -21,6 +21,8 @@ use crate::auth::Keys;
 use crate::error::ApiError;
 use crate::grid::Grid;
 use crate::hub;
+use crate::volunteers::{self, RateLimiter, VolunteerMode};
+use crate::www::Site;
 
 /// Settings of a running coordinator.
 #[derive(Clone, Debug)]
@@ -33,6 +35,8 @@ pub struct ServeConfig {
     pub tick: Duration,
     /// Preferred tile edge (benchmarks shrink it to measure per-tile overhead).
     pub tile_edge: u32,
+    /// Whether anonymous tabs get volunteer tokens at `POST /api/v1/volunteers`.
+    pub volunteers: VolunteerMode,
 }
 
 impl Default for ServeConfig {
@@ -42,6 +46,7 @@ impl Default for ServeConfig {
             heartbeat_secs: 5,
             tick: Duration::from_millis(200),
             tile_edge: tabgrid_shared::tiling::PREFERRED_EDGE,
+            volunteers: VolunteerMode::Open,
         }
     }
 }
@@ -52,12 +57,15 @@ pub struct AppState {
     pub grid: Arc<Grid>,
     pub keys: Arc<Keys>,
     pub config: Arc<ServeConfig>,
+    /// The volunteer page and its bundles.
+    pub site: Arc<Site>,
+    pub volunteer_limiter: Arc<RateLimiter>,
     /// Turns true when the coordinator shuts down, so worker sessions close with a reason
     /// instead of being cut.
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// The whole API under `/api/v1`.
+/// The whole API under `/api/v1`, and the volunteer page at `/`.
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/jobs", get(api::list_jobs).post(api::submit))
@@ -68,12 +76,13 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .route("/worker", get(hub::worker_socket))
+        .route("/volunteers", post(volunteers::issue))
         .fallback(api::not_found);
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
-        .fallback(api::not_found)
+        .fallback(page)
         // Bodies are streamed through the limit, and a declared length over it is refused
         // before a byte is read.
         .layer(DefaultBodyLimit::max(state.config.max_body))
@@ -82,6 +91,17 @@ pub fn app(state: AppState) -> Router {
             refuse_oversized,
         ))
         .with_state(state)
+}
+
+/// Files of the volunteer page; anything else is the API's JSON 404.
+async fn page(State(state): State<AppState>, request: Request) -> Response {
+    match state
+        .site
+        .respond(request.method(), request.uri(), request.headers())
+    {
+        Some(response) => response,
+        None => api::not_found().await.into_response(),
+    }
 }
 
 async fn refuse_oversized(State(state): State<AppState>, request: Request, next: Next) -> Response {

@@ -1,6 +1,9 @@
 //! Checks every GEMM path (dispatched, forced portable, and the rayon drivers) against the
 //! naive f64 reference on random shapes, layouts and scalars, plus the edge cases the
 //! blocked loops special-case: empty dimensions, NaN/Inf, `beta == 0`, shape errors.
+//!
+//! They also run under wasm32-wasip1 with `+simd128` (see `xtask/wasi-runner.mjs`), where
+//! `gemm` is the simd128 path and `gemm_portable` the autovectorized loops.
 
 use proptest::prelude::*;
 use tabgrid_shared::kernels::{self, Element, MatMut, MatRef, ShapeError, reference};
@@ -632,6 +635,10 @@ fn active_path_names_the_dispatched_kernel() {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         assert_eq!(kernels::active_path(), "x86_64-avx2-fma");
+        return;
+    }
+    if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+        assert_eq!(kernels::active_path(), "wasm32-simd128");
         return;
     }
     assert_eq!(kernels::active_path(), "portable");

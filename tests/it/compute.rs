@@ -7,19 +7,19 @@ use tabgrid_shared::claims::Role;
 use tabgrid_tests::*;
 
 /// One job to check.
-struct Case {
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f64,
-    beta: f64,
-    with_c: bool,
-    f32: bool,
-    npy: bool,
+pub(crate) struct Case {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) n: usize,
+    pub(crate) alpha: f64,
+    pub(crate) beta: f64,
+    pub(crate) with_c: bool,
+    pub(crate) f32: bool,
+    pub(crate) npy: bool,
 }
 
 impl Case {
-    fn new(m: usize, k: usize, n: usize) -> Case {
+    pub(crate) fn new(m: usize, k: usize, n: usize) -> Case {
         Case {
             m,
             k,
@@ -34,7 +34,7 @@ impl Case {
 }
 
 /// Submits a case, waits for it and checks the result against the reference.
-async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
+pub(crate) async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u64) {
     let Case {
         m,
         k,

@@ -1,6 +1,7 @@
 //! End-to-end tests: real coordinator and worker processes, real sockets, real tokens.
 
 mod api;
+mod browser;
 mod cli;
 mod compute;
 mod faults;

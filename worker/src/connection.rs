@@ -24,9 +24,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::backoff::Backoff;
-use crate::compute::{self, Computed};
-use crate::session::{Command, Session};
+use tabgrid_shared::worker::{Backoff, Command, Computed, Session};
+
+use crate::compute;
 use crate::{WorkerError, endpoint};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -92,7 +92,7 @@ pub async fn run<F: Future<Output = ()>>(worker: Worker, shutdown: F) -> Result<
                 if welcomed {
                     backoff.reset();
                 }
-                let delay = backoff.next_delay();
+                let delay = backoff.next_delay(rand::random());
                 warn!(
                     %url,
                     %reason,

@@ -1,10 +1,11 @@
 //! The native tabgrid worker: lends this machine's cores to a coordinator, computing the
 //! GEMM tiles it hands out, and measures them (`bench`).
 //!
-//! The key design choice is the split between *deciding* and *doing*. `session` is a state
-//! machine without IO: it holds the operand cache, the queue of assigned tiles and the
-//! `Ready` credits, and turns each frame or finished computation into commands. The socket
-//! loop in `connection` only carries those out and keeps time. So every protocol rule —
+//! The key design choice is the split between *deciding* and *doing*.
+//! `tabgrid_shared::worker::Session` is a state machine without IO: it holds the operand
+//! cache, the queue of assigned tiles and the `Ready` credits, and turns each frame or
+//! finished computation into commands. The socket loop in `connection` only carries those
+//! out and keeps time; the browser client wraps the same session in its own loop. So every protocol rule —
 //! what a `Cancel` does to a queued or a computing tile, when a credit comes back — is a
 //! deterministic unit test, with no sockets, no clock and no coordinator.
 //!
@@ -16,13 +17,10 @@
 //! The coordinator's `tabgrid cluster` runs several workers in one process through
 //! [`run`]; the `tabgrid-worker` binary is a thin CLI over [`run`] and [`bench`].
 
-mod backoff;
 mod bench;
-mod cache;
 mod compute;
 mod connection;
 pub mod endpoint;
-mod session;
 
 use std::fmt;
 use std::future::Future;

@@ -1,5 +1,7 @@
 //! `cargo xtask`: the one build tool for what cargo alone cannot do — the whole test
-//! suite with its binaries, the CI checks, and benchmarks.
+//! suite with its binaries, the browser bundles, the CI checks, and benchmarks.
+
+mod wasm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,8 +11,12 @@ use anyhow::{Context, bail};
 const USAGE: &str = "\
 usage: cargo xtask <command>
 
-  test            build the binaries, then run every test (unit, integration, end-to-end)
-  ci              what CI runs: fmt check, clippy -D warnings, wasm32 build of shared, test
+  cluster [ARGS]  build the browser bundles, then run `tabgrid cluster` (default: --workers 1)
+  wasm            build the browser bundles (threaded and single-threaded) into www/pkg
+  test            build the binaries and bundles, then run every test (unit, integration,
+                  end-to-end, browser)
+  ci              what CI runs: fmt check, clippy -D warnings (native and client-wasm),
+                  wasm32 build of shared, test
   bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
   bench scheduler scheduler state machine throughput (100k tiles)
 ";
@@ -19,6 +25,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
+        ["cluster", rest @ ..] => cluster(rest),
+        ["wasm"] => wasm::wasm(),
         ["test", rest @ ..] => test(rest),
         ["ci"] => ci(),
         ["bench", "e2e", rest @ ..] => bench_e2e(rest),
@@ -32,14 +40,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_owned()
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     eprintln!("$ {command:?}");
     let status = command
         .current_dir(root())
@@ -66,6 +74,7 @@ fn has_nextest() -> bool {
 /// End-to-end tests run the real `tabgrid` and `tabgrid-worker` binaries, which a plain
 /// `cargo test` of another package does not build: build them first.
 fn test(extra: &[&str]) -> anyhow::Result<()> {
+    wasm::wasm()?;
     cargo(&["build", "--workspace", "--bins"])?;
     if has_nextest() {
         let mut args = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
@@ -78,6 +87,17 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
     }
 }
 
+/// The README's first command: a grid whose page works, from a fresh clone.
+fn cluster(extra: &[&str]) -> anyhow::Result<()> {
+    wasm::wasm()?;
+    let mut args = vec!["run", "--release", "--bin", "tabgrid", "--", "cluster"];
+    if extra.is_empty() {
+        args.extend(["--workers", "1"]);
+    }
+    args.extend_from_slice(extra);
+    cargo(&args)
+}
+
 fn ci() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
@@ -88,6 +108,7 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
+    wasm::lint()?;
     run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
     cargo(&[
         "build",

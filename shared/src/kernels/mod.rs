@@ -1,18 +1,19 @@
 //! Dense matrix multiply, `C = alpha·A·B + beta·C`, on strided views: the public API, the
-//! views, and the runtime choice of the fastest path this CPU has.
+//! views, and the choice of the fastest path this CPU has.
 //!
 //! The layout follows memchr's `src/arch/`. `portable` holds the one blocked algorithm
 //! (packing, cache blocking, edge tiles) generic over its register-blocked micro-kernel, and
 //! a portable micro-kernel written as plain loops; `x86_64` recompiles that driver with AVX2
-//! and FMA enabled around intrinsic micro-kernels, and is picked at runtime; `parallel`
-//! (feature `rayon`) shares packed panels of B between threads; `reference` is the naive
-//! loop every path is tested against.
+//! and FMA enabled around intrinsic micro-kernels, and is picked at runtime; `wasm32` wraps
+//! it around `simd128` micro-kernels and is picked at compile time, since wasm has no
+//! runtime feature detection (an engine without `simd128` rejects the whole module), so it
+//! exists only in builds with `-C target-feature=+simd128`; `parallel` (feature `rayon`)
+//! shares packed panels of B between threads; `reference` is the naive loop every path is
+//! tested against.
 //!
-//! Adding a path (wasm32 `simd128`, AArch64 NEON) means one more cfg'd module beside `x86_64`
-//! that implements `portable::MicroKernel` for a tile suited to its registers and calls
-//! `portable::gemm_blocked` with it, plus one more `Path` variant. wasm32 has no runtime
-//! feature detection, so a `simd128` path would be chosen by
-//! `cfg(target_feature = "simd128")` at compile time.
+//! Adding a path (AArch64 NEON, say) means one more cfg'd module beside `x86_64` and
+//! `wasm32` that implements `portable::MicroKernel` for a tile suited to its registers and
+//! calls `portable::gemm_blocked` with it, plus one more `Path` variant.
 
 use core::fmt;
 
@@ -25,6 +26,8 @@ pub mod reference;
 /// in [`par_gemm`]: threads would cost more than they save.
 #[cfg(feature = "rayon")]
 pub use parallel::MIN_PARALLEL_WORK;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm32;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -564,6 +567,8 @@ enum Path {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    Simd128,
 }
 
 impl Path {
@@ -572,7 +577,15 @@ impl Path {
         if x86_64::available() {
             return Path::Avx2Fma;
         }
-        Path::Portable
+        // No runtime detection on wasm: an engine without simd128 rejects the whole module.
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        {
+            Path::Simd128
+        }
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        {
+            Path::Portable
+        }
     }
 
     fn name(self) -> &'static str {
@@ -580,6 +593,8 @@ impl Path {
             Path::Portable => "portable",
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => "x86_64-avx2-fma",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Path::Simd128 => "wasm32-simd128",
         }
     }
 
@@ -589,6 +604,8 @@ impl Path {
             Path::Portable => portable::tile::<T>(),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => x86_64::tile::<T>(),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Path::Simd128 => wasm32::tile::<T>(),
         }
     }
 
@@ -605,6 +622,8 @@ impl Path {
             Path::Portable => portable::gemm(alpha, a, b, beta, c),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => x86_64::gemm(alpha, a, b, beta, c),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Path::Simd128 => wasm32::gemm(alpha, a, b, beta, c),
         }
     }
 
@@ -623,6 +642,8 @@ impl Path {
             Path::Portable => portable::block_dispatch(alpha, a, b_packed, beta, c, a_buf),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => x86_64::block(alpha, a, b_packed, beta, c, a_buf),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Path::Simd128 => wasm32::block(alpha, a, b_packed, beta, c, a_buf),
         }
     }
 }
@@ -748,7 +769,8 @@ pub fn par_gemm_portable<T: Element>(
     parallel::par_gemm_with(Path::Portable, alpha, a, b, beta, c)
 }
 
-/// Name of the path [`gemm`] takes on this machine: `"x86_64-avx2-fma"` or `"portable"`.
+/// Name of the path [`gemm`] takes on this machine: `"x86_64-avx2-fma"`, `"wasm32-simd128"`
+/// or `"portable"`.
 /// Workers report it so slow or odd results can be traced to a code path.
 pub fn active_path() -> &'static str {
     Path::detect().name()

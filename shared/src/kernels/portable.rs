@@ -169,6 +169,34 @@ pub(crate) trait MicroKernel<T, const MR: usize, const NR: usize>: Copy {
     fn prefetch_c_row(self, _first: &T, _last: &T) {}
 }
 
+// Intrinsic micro-kernels exist only for f32 and f64, but the driver is generic over
+// `Element`: a path's `MicroKernel::run` checks `TypeId` and reinterprets with these. Only
+// the paths with intrinsic kernels use them.
+
+/// `s` reinterpreted as `&[U]`, when `T` and `U` are the same type.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "wasm32", target_feature = "simd128")
+))]
+#[inline(always)]
+pub(crate) fn same_slice<T: 'static, U: 'static>(s: &[T]) -> &[U] {
+    assert!(core::any::TypeId::of::<T>() == core::any::TypeId::of::<U>());
+    // SAFETY: `T` and `U` are the same type (asserted above), so this is the slice itself.
+    unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<U>(), s.len()) }
+}
+
+/// `v` reinterpreted as a `U`, when `T` and `U` are the same type.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "wasm32", target_feature = "simd128")
+))]
+#[inline(always)]
+pub(crate) fn same_value<T: Copy + 'static, U: Copy + 'static>(v: T) -> U {
+    assert!(core::any::TypeId::of::<T>() == core::any::TypeId::of::<U>());
+    // SAFETY: `T` and `U` are the same `Copy` type (asserted above), so this is a plain copy.
+    unsafe { core::mem::transmute_copy(&v) }
+}
+
 /// Plain loops over fixed-size arrays for LLVM to vectorize. They multiply and add
 /// separately: see [`Element::mul_add`] for why the portable path never fuses.
 #[derive(Clone, Copy, Debug)]

@@ -13,7 +13,7 @@ use core::arch::x86_64::{
     _mm256_storeu_pd, _mm256_storeu_ps,
 };
 
-use super::portable::{self, MicroKernel, Portable, Tile};
+use super::portable::{self, MicroKernel, Portable, Tile, same_slice, same_value};
 use super::{Element, MatMut, MatRef};
 
 // Sixteen 256-bit registers: six rows of two vectors make 12 accumulators, plus two B
@@ -32,22 +32,6 @@ pub(super) fn tile<T>() -> Tile {
     } else {
         TILE_64
     }
-}
-
-/// `s` reinterpreted as `&[U]`, when `T` and `U` are the same type.
-#[inline(always)]
-fn same_slice<T: 'static, U: 'static>(s: &[T]) -> &[U] {
-    assert!(TypeId::of::<T>() == TypeId::of::<U>());
-    // SAFETY: `T` and `U` are the same type (asserted above), so this is the slice itself.
-    unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<U>(), s.len()) }
-}
-
-/// `v` reinterpreted as a `U`, when `T` and `U` are the same type.
-#[inline(always)]
-fn same_value<T: Copy + 'static, U: Copy + 'static>(v: T) -> U {
-    assert!(TypeId::of::<T>() == TypeId::of::<U>());
-    // SAFETY: `T` and `U` are the same `Copy` type (asserted above), so this is a plain copy.
-    unsafe { core::mem::transmute_copy(&v) }
 }
 
 /// A 6x16 f32 tile: per step of the inner sum, two 8-lane loads of B and six broadcasts of A

@@ -15,13 +15,13 @@
 
 use std::collections::VecDeque;
 
-use tabgrid_shared::matrix;
-use tabgrid_shared::protocol::{
+use crate::matrix;
+use crate::protocol::{
     Assign, LeaseId, MAX_FRAME_BYTES, OperandKey, TileResult, ToCoordinator, ToWorker, checksum,
 };
 
-use crate::cache::OperandCache;
-use crate::compute::{Computed, Task};
+use crate::worker::cache::OperandCache;
+use crate::worker::task::{Computed, Task};
 
 /// What the socket loop must do next.
 #[derive(Debug)]
@@ -150,7 +150,7 @@ impl Session {
         let b = panel(assign.b)?;
         let c = assign.c.map(panel).transpose()?;
         let (m, n, k) = (assign.m as usize, assign.n as usize, assign.k as usize);
-        let shaped = |name: &str, panel: &crate::cache::Panel, rows: usize, cols: usize| {
+        let shaped = |name: &str, panel: &crate::worker::cache::Panel, rows: usize, cols: usize| {
             if panel.dtype() != assign.dtype {
                 Err(format!(
                     "operand {name} is {} but the job is {}",
@@ -292,13 +292,13 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use tabgrid_shared::Dtype;
-    use tabgrid_shared::matrix::f64s;
-    use tabgrid_shared::protocol::{Limits, Welcome};
+    use crate::Dtype;
+    use crate::matrix::f64s;
+    use crate::protocol::{Limits, Welcome};
 
     use super::*;
-    use crate::cache::operand_f64;
-    use crate::compute::compute;
+    use crate::worker::cache::operand_f64;
+    use crate::worker::task::{compute, instant_ms};
 
     /// A session with 2 slots holding A (2x3), B (3x2) and C (2x2), all f64.
     struct Fixture {
@@ -384,7 +384,7 @@ mod tests {
         );
         f.holds(&[7]);
 
-        let done = compute(&task);
+        let done = compute(&task, &instant_ms);
         let payload = done.outcome.clone().unwrap();
         assert_eq!(f64s(&payload), [5.0, 6.0, 11.0, 12.0]);
         let replies = sends(f.session.computed(done));
@@ -404,7 +404,7 @@ mod tests {
         let first = started(f.session.handle(f.assign(1)));
         assert!(f.session.handle(f.assign(2)).is_empty(), "second waits");
         f.holds(&[1, 2]);
-        let mut commands = f.session.computed(compute(&first)).into_iter();
+        let mut commands = f.session.computed(compute(&first, &instant_ms)).into_iter();
         assert!(matches!(
             commands.next(),
             Some(Command::Send(ToCoordinator::Result(_)))
@@ -429,7 +429,7 @@ mod tests {
         );
         f.holds(&[1]);
         // The cancelled tile is never started.
-        let replies = f.session.computed(compute(&first));
+        let replies = f.session.computed(compute(&first, &instant_ms));
         assert_eq!(replies.len(), 2);
         assert!(!replies.iter().any(|c| matches!(c, Command::Compute(_))));
         f.holds(&[]);
@@ -443,7 +443,7 @@ mod tests {
         // The kernel cannot stop, so the slot stays busy until it finishes.
         assert!(f.session.handle(ToWorker::Cancel { lease: 1 }).is_empty());
         f.holds(&[1, 2]);
-        let mut commands = f.session.computed(compute(&first)).into_iter();
+        let mut commands = f.session.computed(compute(&first, &instant_ms)).into_iter();
         assert!(matches!(
             commands.next(),
             Some(Command::Send(ToCoordinator::Ready { slots: 1 }))
@@ -457,7 +457,10 @@ mod tests {
     fn cancel_of_an_unknown_lease_is_ignored() {
         let mut f = fixture();
         let first = started(f.session.handle(f.assign(1)));
-        assert_eq!(sends(f.session.computed(compute(&first))).len(), 2);
+        assert_eq!(
+            sends(f.session.computed(compute(&first, &instant_ms))).len(),
+            2
+        );
         // The Cancel crossed the Result on the wire.
         assert!(f.session.handle(ToWorker::Cancel { lease: 1 }).is_empty());
         assert!(f.session.handle(ToWorker::Cancel { lease: 99 }).is_empty());
@@ -491,12 +494,12 @@ mod tests {
         let keys = vec![f.a, f.b, f.c];
         f.session.handle(ToWorker::Forget { keys });
         assert_eq!((f.session.cache().len(), f.session.cache().bytes()), (0, 0));
-        let commands = f.session.computed(compute(&first));
+        let commands = f.session.computed(compute(&first, &instant_ms));
         let Some(Command::Compute(second)) = commands.into_iter().last() else {
             panic!("second tile should start");
         };
         assert_eq!(
-            f64s(&compute(&second).outcome.unwrap()),
+            f64s(&compute(&second, &instant_ms).outcome.unwrap()),
             [5.0, 6.0, 11.0, 12.0]
         );
     }
@@ -536,7 +539,7 @@ mod tests {
         let task = started(f.session.handle(ToWorker::Assign(assign)));
         assert_eq!(task.beta, 0.0);
         assert_eq!(
-            f64s(&compute(&task).outcome.unwrap()),
+            f64s(&compute(&task, &instant_ms).outcome.unwrap()),
             [4.0, 5.0, 10.0, 11.0]
         );
     }
@@ -633,7 +636,7 @@ mod tests {
         );
         f.holds(&[]);
         // A stray result for a lease not computing changes nothing.
-        assert!(f.session.computed(compute(&task)).is_empty());
+        assert!(f.session.computed(compute(&task, &instant_ms)).is_empty());
         f.holds(&[]);
     }
 }

@@ -34,11 +34,12 @@ impl Backoff {
         self.first.saturating_mul(factor).min(self.cap)
     }
 
-    /// The next wait, uniform in `[0, ceiling]`.
-    pub fn next_delay(&mut self) -> Duration {
+    /// The next wait, `unit · ceiling`, where `unit` is a uniform random number in
+    /// `[0, 1)` from the caller's generator (`rand` natively, `Math.random()` in a
+    /// browser); values outside that range are clamped.
+    pub fn next_delay(&mut self, unit: f64) -> Duration {
         let ceiling = self.next_ceiling();
-        let micros = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
-        Duration::from_micros(rand::random_range(0..=micros))
+        ceiling.mul_f64(unit.clamp(0.0, 1.0))
     }
 
     /// Starts over after a connection that worked.
@@ -71,11 +72,18 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_units_are_clamped() {
+        assert_eq!(Backoff::default().next_delay(7.0), FIRST);
+        assert_eq!(Backoff::default().next_delay(-1.0), Duration::ZERO);
+    }
+
+    #[test]
     fn delays_stay_under_their_ceiling() {
         let mut backoff = Backoff::default();
         for attempt in 0..50u32 {
             let ceiling = FIRST.saturating_mul(1 << attempt.min(20)).min(CAP);
-            assert!(backoff.next_delay() <= ceiling);
+            let unit = f64::from(attempt) / 50.0;
+            assert!(backoff.next_delay(unit) <= ceiling);
         }
     }
 }

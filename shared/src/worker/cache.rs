@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tabgrid_shared::Dtype;
-use tabgrid_shared::matrix::{self, Matrix, f32s, f64s};
-use tabgrid_shared::protocol::{Operand, OperandKey};
+use crate::Dtype;
+use crate::matrix::{self, Matrix, f32s, f64s};
+use crate::protocol::{Operand, OperandKey};
 
 /// A cached operand, decoded.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +117,10 @@ impl OperandCache {
     /// Bytes of all cached panels, as sent on the wire.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.panels.is_empty()
     }
 
     pub fn len(&self) -> usize {
