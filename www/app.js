@@ -12,7 +12,7 @@ const tabgrid = (window.tabgrid = { state: null, info: null, errors: [], bundle:
 let worker = null;
 let token = null;
 let paused = false;
-let duty = 100;
+let duty = chooseDuty();
 let threads = chooseThreads();
 let lastRefresh = 0;
 
@@ -20,6 +20,12 @@ function chooseThreads() {
   const asked = Number.parseInt(params.get('threads') ?? '', 10);
   const wanted = Number.isFinite(asked) && asked > 0 ? asked : Math.max(1, Math.floor(cores / 2));
   return Math.min(wanted, 64);
+}
+
+// `/?duty=25`: the CPU share to start with, 1..100 percent (the page offers 25/50/100).
+function chooseDuty() {
+  const asked = Number.parseInt(params.get('duty') ?? '', 10);
+  return Number.isFinite(asked) ? Math.min(Math.max(asked, 1), 100) : 100;
 }
 
 function fail(headline, detail) {
@@ -178,6 +184,7 @@ function setUpControls() {
     restart();
   };
   for (const radio of document.querySelectorAll('input[name=duty]')) {
+    radio.checked = Number(radio.value) === duty;
     radio.onchange = () => {
       duty = Number(radio.value);
       worker?.postMessage({ type: 'duty', percent: duty });

@@ -74,7 +74,7 @@ struct ServerArgs {
     #[arg(long, env = "TABGRID_WWW", default_value_os_t = tabgrid_coordinator::www::default_dir())]
     www: PathBuf,
     /// Send the cross-origin isolation headers (`off` only shows the one-thread fallback).
-    #[arg(long, default_value = "on", value_parser = parse_on_off, hide = true)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, hide = true)]
     isolation: bool,
 }
 

@@ -69,3 +69,166 @@ async fn one_tab_computes_jobs_on_threads() {
     assert!(tiles >= cases.len() as u64, "the tab did {tiles} tiles");
     page.assert_no_errors().await;
 }
+
+#[tokio::test]
+async fn a_tab_and_a_native_worker_share_one_job() {
+    let c = Coordinator::start(&[]).await;
+    let _native = c.worker("native", 1);
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
+    joined(&page).await;
+    c.wait_workers_connected(2).await;
+
+    // 64 tiles of 256x256 with k = 1024: enough work that the faster native worker
+    // cannot take them all while the tab receives its first panels.
+    let t = token("ada", Role::Submitter);
+    run_case(
+        &c,
+        &t,
+        &Case {
+            f32: true,
+            npy: true,
+            ..Case::new(2048, 1024, 2048)
+        },
+        7,
+    )
+    .await;
+    let listed = workers(&c).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for worker in &listed {
+        assert!(
+            worker["tiles_done"].as_u64().unwrap() > 0,
+            "every worker did tiles: {listed:?}"
+        );
+    }
+    let kinds: Vec<&str> = listed.iter().filter_map(|w| w["kind"].as_str()).collect();
+    assert!(
+        kinds.contains(&"browser") && kinds.contains(&"native"),
+        "{kinds:?}"
+    );
+    page.assert_no_errors().await;
+}
+
+#[tokio::test]
+async fn a_tab_closed_mid_job_gives_its_leases_back_at_once() {
+    // Leases last ten minutes: only the closing socket can return them in time.
+    let c = Coordinator::start(&["--lease-floor-ms", "600000"]).await;
+    let browser = Browser::launch(&[]).await;
+    // Both tabs rest 49x each tile's time, so the job is still running when one closes.
+    let leaving = browser
+        .open(&format!("{}/?threads=1&duty=2", c.url), false)
+        .await;
+    let staying = browser
+        .open(&format!("{}/?threads=1&duty=2", c.url), false)
+        .await;
+    let leaving_id = joined(&leaving).await;
+    joined(&staying).await;
+
+    let t = token("ada", Role::Submitter);
+    let (m, k, n) = (2048, 200, 2048);
+    let a = random_matrix(m, k, 1);
+    let b = random_matrix(k, n, 2);
+    let body = serde_json::json!({
+        "op": "gemm", "dtype": "f64",
+        "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
+    });
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
+    assert_eq!(status, 201, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+
+    leaving
+        .wait_for("tabgrid.state.tiles >= 1", "the first tab's first tile")
+        .await;
+    leaving.assert_no_errors().await;
+    leaving.close().await;
+    c.wait_log("worker disconnected", 1).await;
+    let listed = workers(&c).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_ne!(listed[0]["id"], leaving_id, "{listed:?}");
+    let metrics = c.metrics().await;
+    assert!(
+        metrics.contains("tabgrid_tiles_reassigned_total{reason=\"disconnected\"}"),
+        "{metrics}"
+    );
+
+    // The volunteer who stayed gives it full power; the job finishes right.
+    staying
+        .eval("document.querySelector('input[name=duty][value=\"100\"]').click()")
+        .await;
+    staying
+        .wait_for(
+            "tabgrid.state.duty === 100",
+            "the duty cycle to reach the worker",
+        )
+        .await;
+    let last = c.wait_job(&id, &t).await;
+    assert_eq!(last["state"], "done", "{last}");
+    let got = c.result_values(&id, &t).await;
+    assert_close(
+        &got,
+        &reference((m, k, n), 1.0, &a, &b, 0.0, None),
+        k,
+        false,
+    );
+    assert!(!c.metrics().await.contains("reason=\"expired\""));
+    staying.assert_no_errors().await;
+}
+
+#[tokio::test]
+async fn pause_returns_leases_and_resume_rejoins() {
+    let c = Coordinator::start(&[]).await;
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
+    joined(&page).await;
+    page.eval("document.getElementById('pause').click()").await;
+    page.wait_for("tabgrid.state.phase === 'paused'", "the tab to pause")
+        .await;
+    c.wait_log("worker disconnected", 1).await;
+    assert!(workers(&c).await.is_empty());
+    assert_eq!(
+        page.eval("document.getElementById('headline').textContent")
+            .await,
+        "Paused"
+    );
+    page.eval("document.getElementById('pause').click()").await;
+    joined(&page).await;
+    let t = token("ada", Role::Submitter);
+    run_case(&c, &t, &Case::new(40, 30, 20), 3).await;
+    page.assert_no_errors().await;
+}
+
+#[tokio::test]
+async fn a_page_without_isolation_computes_on_one_thread() {
+    let c = Coordinator::start(&["--isolation", "off"]).await;
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
+    joined(&page).await;
+    assert_eq!(page.eval("self.crossOriginIsolated").await, false);
+    assert_eq!(page.eval("tabgrid.bundle.name").await, "single");
+    let notice = page
+        .eval("document.getElementById('notice').textContent")
+        .await;
+    assert!(
+        notice.as_str().unwrap().contains("one thread only"),
+        "{notice}"
+    );
+    let listed = workers(&c).await;
+    assert_eq!(listed[0]["threads"], 1, "{listed:?}");
+    let t = token("ada", Role::Submitter);
+    for (i, case) in [
+        Case {
+            f32: true,
+            alpha: 2.0,
+            beta: 0.5,
+            with_c: true,
+            ..Case::new(300, 41, 290)
+        },
+        Case::new(17, 300, 3),
+    ]
+    .iter()
+    .enumerate()
+    {
+        run_case(&c, &t, case, 50 + i as u64).await;
+    }
+    page.assert_no_errors().await;
+}
