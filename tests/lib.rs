@@ -350,7 +350,10 @@ impl Coordinator {
             .unwrap()
             .trim()
             .to_owned();
-        let addr = url.trim_start_matches("http://").to_owned();
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_owned();
         Coordinator {
             child,
             addr,

@@ -78,7 +78,7 @@ async fn start_grid(threads: usize, tile_edge: u32, slots: u32) -> Grid {
     let grid = coordinator.state.grid.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(coordinator.serve(listener, std::future::pending()));
+    tokio::spawn(coordinator.serve(listener, None, std::future::pending()));
     let volunteer = keys.mint("bench-worker", Role::Volunteer, Duration::from_secs(3600));
     let mut worker = tabgrid_worker::WorkerConfig::new(vec![url.clone()], Some(volunteer), threads);
     worker.slots = slots;

@@ -18,6 +18,7 @@ pub mod npy;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod volunteers;
 pub mod www;
 
@@ -60,12 +61,13 @@ impl Coordinator {
         self
     }
 
-    /// Serves on `listener` until `shutdown` resolves.
+    /// Serves on `listener` until `shutdown` resolves, over TLS when `tls` is given.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        run(listener, self.state, self.stop, shutdown).await
+        run(listener, tls, self.state, self.stop, shutdown).await
     }
 }

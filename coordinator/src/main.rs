@@ -73,6 +73,13 @@ struct ServerArgs {
     /// The volunteer page's folder (`www/` of a checkout, with bundles from `cargo xtask wasm`).
     #[arg(long, env = "TABGRID_WWW", default_value_os_t = tabgrid_coordinator::www::default_dir())]
     www: PathBuf,
+    /// PEM certificate chain: serve HTTPS/WSS (browsers give threads only to secure pages;
+    /// plain http is one only on localhost).
+    #[arg(long, env = "TABGRID_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "TABGRID_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Send the cross-origin isolation headers (`off` only shows the one-thread fallback).
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, hide = true)]
     isolation: bool,
@@ -350,7 +357,14 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(_), Some(_)) if workers > 0 => anyhow::bail!(
+            "cluster's own workers connect over plain ws; use `serve` for --tls-cert/--tls-key"
+        ),
+        (Some(cert), Some(key)) => Some(tabgrid_coordinator::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "tabgrid listening on {url}")?;
@@ -391,7 +405,7 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         tracing::info!(workers, threads, "native workers started");
     }
     coordinator
-        .serve(listener, shutdown_signal())
+        .serve(listener, tls, shutdown_signal())
         .await
         .context("serving")?;
     let _ = stop_workers.send(true);

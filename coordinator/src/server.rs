@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::api;
 use crate::auth::Keys;
@@ -122,9 +123,10 @@ async fn refuse_oversized(State(state): State<AppState>, request: Request, next:
     next.run(request).await
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves.
+/// Serves `state` on `listener` until `shutdown` resolves, over TLS when `tls` is given.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     state: AppState,
     stop: watch::Sender<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -140,22 +142,28 @@ pub async fn run(
         }
     });
     let router = app(state);
-    // Worker frames are small and latency-bound (a result, then the next assignment):
-    // Nagle's algorithm would hold them back waiting for ACKs.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %err, "could not set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let shutdown = async move {
         shutdown.await;
         let _ = stop.send(true);
-    })
-    .await;
+    };
+    let served = match tls {
+        Some(acceptor) => crate::tls::serve(listener, acceptor, router, shutdown).await,
+        None => {
+            // Worker frames are small and latency-bound (a result, then the next
+            // assignment): Nagle's algorithm would hold them back waiting for ACKs.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    tracing::warn!(error = %err, "could not set TCP_NODELAY");
+                }
+            });
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+    };
     ticker.abort();
     served
 }

@@ -232,3 +232,66 @@ async fn a_page_without_isolation_computes_on_one_thread() {
     }
     page.assert_no_errors().await;
 }
+
+#[tokio::test]
+async fn the_page_works_over_https_with_a_self_signed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let c = Coordinator::start(&[
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ])
+    .await;
+    assert!(c.url.starts_with("https://"), "{}", c.url);
+
+    let browser = Browser::launch(&["--ignore-certificate-errors"]).await;
+    let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
+    joined(&page).await;
+    assert_eq!(page.eval("location.protocol").await, "https:");
+    assert_eq!(page.eval("self.crossOriginIsolated").await, true);
+    assert_eq!(page.eval("tabgrid.bundle.name").await, "threaded");
+
+    // The test's own HTTP client speaks no TLS: the job goes through the page's fetch.
+    let (m, k, n) = (129, 77, 65);
+    let a = as_f32(&random_matrix(m, k, 11));
+    let b = as_f32(&random_matrix(k, n, 12));
+    let bearer = token("ada", Role::Submitter);
+    let job = serde_json::json!({
+        "op": "gemm", "dtype": "f32",
+        "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
+    });
+    let script = format!(
+        r#"(async () => {{
+            const auth = {{ authorization: 'Bearer {bearer}' }};
+            const submitted = await fetch('/api/v1/jobs', {{
+                method: 'POST',
+                headers: {{ ...auth, 'content-type': 'application/json' }},
+                body: JSON.stringify({job}),
+            }}).then((r) => r.json());
+            const job = `/api/v1/jobs/${{submitted.id}}`;
+            for (;;) {{
+                const status = await fetch(job, {{ headers: auth }}).then((r) => r.json());
+                if (status.state !== 'queued' && status.state !== 'running') break;
+                await new Promise((resolve) => setTimeout(resolve, 20));
+            }}
+            const result = await fetch(`${{job}}/result`, {{ headers: auth }});
+            return result.ok ? JSON.stringify(await result.json()) : `HTTP ${{result.status}}`;
+        }})()"#
+    );
+    let reply = page.eval(&script).await;
+    let body: Value = serde_json::from_str(reply.as_str().unwrap()).expect("result JSON");
+    assert_eq!(body["shape"], serde_json::json!([m, n]));
+    assert_close(
+        &values(&body["data"]),
+        &reference((m, k, n), 1.0, &a, &b, 0.0, None),
+        k,
+        true,
+    );
+    page.assert_no_errors().await;
+}
