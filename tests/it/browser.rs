@@ -295,3 +295,29 @@ async fn the_page_works_over_https_with_a_self_signed_certificate() {
     );
     page.assert_no_errors().await;
 }
+
+#[tokio::test]
+async fn token_mode_needs_the_operators_link() {
+    let c = Coordinator::start(&["--volunteers", "token"]).await;
+    let browser = Browser::launch(&[]).await;
+    let anonymous = browser.open(&c.url, false).await;
+    let headline = anonymous
+        .wait_for(
+            "tabgrid.errors.length > 0 && document.getElementById('headline').textContent",
+            "the page to explain it needs a token",
+        )
+        .await;
+    assert_eq!(headline, "Cannot join the grid");
+    let detail = anonymous
+        .eval("document.getElementById('detail').textContent")
+        .await;
+    assert!(detail.as_str().unwrap().contains("#token="), "{detail}");
+
+    let volunteer = token("lab-tab", Role::Volunteer);
+    let invited = browser
+        .open(&format!("{}/?threads=1#token={volunteer}", c.url), false)
+        .await;
+    joined(&invited).await;
+    assert_eq!(workers(&c).await[0]["subject"], "lab-tab");
+    invited.assert_no_errors().await;
+}

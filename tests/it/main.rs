@@ -5,4 +5,5 @@ mod browser;
 mod cli;
 mod compute;
 mod faults;
+mod page;
 mod protocol;
