@@ -7,7 +7,23 @@ const cores = navigator.hardwareConcurrency || 2;
 const MAX_THREADS = Math.max(cores, 1);
 
 // What tests and curious volunteers can read from the console: `tabgrid.state`.
-const tabgrid = (window.tabgrid = { state: null, info: null, errors: [], bundle: null });
+const tabgrid = (window.tabgrid = {
+  state: null,
+  info: null,
+  errors: [],
+  bundle: null,
+  // Milliseconds from opening the page to its first tile done.
+  firstTileMs: null,
+  // The kernel's GFLOP/s in this tab (`cargo xtask bench browser`).
+  bench: (dtype, n, reps) =>
+    new Promise((resolve, reject) => {
+      const id = ++benchId;
+      benches.set(id, { resolve, reject });
+      worker.postMessage({ type: 'bench', id, dtype, n, reps });
+    }),
+});
+const benches = new Map();
+let benchId = 0;
 
 let worker = null;
 let token = null;
@@ -54,6 +70,7 @@ const HEADLINES = {
 
 function render(state) {
   tabgrid.state = state;
+  if (state.tiles > 0 && tabgrid.firstTileMs === null) tabgrid.firstTileMs = performance.now();
   let headline = HEADLINES[state.phase] ?? state.phase;
   if (state.phase === 'connected' && state.tiles === 0) headline = 'Connected — waiting for work';
   show({ phase: state.phase, headline, detail: state.detail });
@@ -137,6 +154,11 @@ function start() {
     else if (data.type === 'ready') {
       tabgrid.info = data.info;
       $('pause').disabled = false;
+    } else if (data.type === 'bench') {
+      const waiting = benches.get(data.id);
+      benches.delete(data.id);
+      if (data.error) waiting?.reject(new Error(data.error));
+      else waiting?.resolve(data.gflops);
     } else if (data.type === 'error') fail('The compute module failed', data.message);
   };
   worker.onerror = (event) => {

@@ -3,6 +3,7 @@
 // The protocol, cache and kernels all live in the bundle; this file only wires messages.
 
 let volunteer = null;
+let pkg = null;
 let pending = [];
 
 function post(message) {
@@ -10,7 +11,7 @@ function post(message) {
 }
 
 async function start({ script, threaded, url, token, threads, duty, agent }) {
-  const pkg = await import(script);
+  pkg = await import(script);
   await pkg.default();
   if (threaded) {
     await pkg.initThreadPool(threads);
@@ -42,6 +43,15 @@ function control(message) {
       break;
     case 'stop':
       volunteer.stop();
+      break;
+    case 'bench':
+      // The kernel alone, for `cargo xtask bench browser`.
+      try {
+        const gflops = pkg.bench(message.dtype, message.n, message.reps);
+        post({ type: 'bench', id: message.id, gflops });
+      } catch (err) {
+        post({ type: 'bench', id: message.id, error: String(err?.message ?? err) });
+      }
       break;
   }
 }

@@ -56,6 +56,55 @@ pub fn bundle_info() -> JsValue {
     info.into()
 }
 
+/// The kernel's speed in this tab: the median GFLOP/s of `reps` products of two `n x n`
+/// matrices of `dtype` ("f32" or "f64"), on every pool thread (the threaded bundle) or on
+/// this one. For `cargo xtask bench browser`, against the same kernel natively.
+#[wasm_bindgen]
+pub fn bench(dtype: &str, n: u32, reps: u32) -> Result<f64, JsError> {
+    let n = n.clamp(1, 4096) as usize;
+    let gflops = match dtype {
+        "f32" => bench_typed::<f32>(n, reps),
+        "f64" => bench_typed::<f64>(n, reps),
+        other => return Err(JsError::new(&format!("unknown dtype {other:?}"))),
+    };
+    gflops.map_err(|err| JsError::new(&err.to_string()))
+}
+
+fn bench_typed<T: kernels::Element>(n: usize, reps: u32) -> Result<f64, kernels::ShapeError> {
+    let a: Vec<T> = (0..n * n)
+        .map(|i| T::from_f64((i % 7) as f64 * 0.25))
+        .collect();
+    let b: Vec<T> = (0..n * n)
+        .map(|i| T::from_f64((i % 5) as f64 * 0.5))
+        .collect();
+    let mut c = vec![T::from_f64(0.0); n * n];
+    let mut times = Vec::new();
+    // One warm-up product: the first call also compiles and faults in the buffers.
+    for _ in 0..=reps.max(1) {
+        let started = now_ms();
+        let (a, b) = (MatRef::row_major(&a, n, n)?, MatRef::row_major(&b, n, n)?);
+        let c = MatMut::row_major(&mut c, n, n)?;
+        multiply(a, b, c)?;
+        times.push(now_ms() - started);
+    }
+    times.remove(0);
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2].max(0.001);
+    Ok(2.0 * (n * n * n) as f64 / median / 1e6)
+}
+
+/// `C = A·B` with every thread this bundle has.
+fn multiply<T: kernels::Element>(
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: MatMut<'_, T>,
+) -> Result<(), kernels::ShapeError> {
+    #[cfg(feature = "threads")]
+    return kernels::par_gemm(T::from_f64(1.0), a, b, T::from_f64(0.0), c);
+    #[cfg(not(feature = "threads"))]
+    return kernels::gemm(T::from_f64(1.0), a, b, T::from_f64(0.0), c);
+}
+
 /// One tab's membership in the grid.
 #[wasm_bindgen]
 pub struct Volunteer {
@@ -638,11 +687,7 @@ fn measure_speed() -> f64 {
         ) else {
             return 0.0;
         };
-        #[cfg(feature = "threads")]
-        let result = kernels::par_gemm(1.0, a, b, 0.0, c);
-        #[cfg(not(feature = "threads"))]
-        let result = kernels::gemm(1.0, a, b, 0.0, c);
-        if result.is_err() {
+        if multiply(a, b, c).is_err() {
             return 0.0;
         }
         best = best.min(now_ms() - started);

@@ -321,3 +321,28 @@ async fn token_mode_needs_the_operators_link() {
     assert_eq!(workers(&c).await[0]["subject"], "lab-tab");
     invited.assert_no_errors().await;
 }
+
+#[tokio::test]
+async fn a_hidden_tab_keeps_computing() {
+    let c = Coordinator::start(&[]).await;
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=2", c.url), true).await;
+    // A tab in front of it is what hides a background tab.
+    let _cover = browser.open("about:blank", false).await;
+    joined(&page).await;
+    assert_eq!(page.eval("document.visibilityState").await, "hidden");
+    let t = token("ada", Role::Submitter);
+    run_case(
+        &c,
+        &t,
+        &Case {
+            f32: true,
+            npy: true,
+            ..Case::new(700, 300, 600)
+        },
+        21,
+    )
+    .await;
+    assert_eq!(page.eval("document.visibilityState").await, "hidden");
+    page.assert_no_errors().await;
+}

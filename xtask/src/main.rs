@@ -19,6 +19,7 @@ usage: cargo xtask <command>
                   wasm32 build of shared, test
   bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
   bench scheduler scheduler state machine throughput (100k tiles)
+  bench browser   the kernel in headless Chromium vs natively, first tile, hidden tab, bundle sizes
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +31,18 @@ fn main() -> anyhow::Result<()> {
         ["test", rest @ ..] => test(rest),
         ["ci"] => ci(),
         ["bench", "e2e", rest @ ..] => bench_e2e(rest),
+        ["bench", "browser"] => {
+            wasm::wasm()?;
+            cargo(&["build", "--release", "--bins"])?;
+            cargo(&[
+                "run",
+                "--release",
+                "-p",
+                "tabgrid-tests",
+                "--example",
+                "bench_browser",
+            ])
+        }
         ["bench", "scheduler"] => {
             cargo(&["bench", "-p", "tabgrid-coordinator", "--bench", "scheduler"])
         }

@@ -1,0 +1,211 @@
+//! `cargo xtask bench browser`: the browser volunteer measured in a real headless Chromium
+//! against the same kernel natively, in one run — kernel GFLOP/s per thread (1 and 2
+//! threads), time from opening the page to its first finished tile, a hidden tab's
+//! throughput against a visible one's, and the bundles' sizes.
+//!
+//! Every figure is a median over repeated, interleaved runs; ratios are taken within a
+//! run so that the machine's drift cancels.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::json;
+use tabgrid_shared::claims::Role;
+use tabgrid_shared::kernels::{Element, MatMut, MatRef, par_gemm};
+use tabgrid_tests::browser::{Browser, Page};
+use tabgrid_tests::*;
+
+const ROUNDS: usize = 3;
+const REPS: u32 = 5;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The native side: the same `par_gemm` on a pool of `threads`, median of `REPS`.
+fn native_gflops<T: Element>(pool: &rayon::ThreadPool, n: usize) -> f64 {
+    let a: Vec<T> = (0..n * n)
+        .map(|i| T::from_f64((i % 7) as f64 * 0.25))
+        .collect();
+    let b: Vec<T> = (0..n * n)
+        .map(|i| T::from_f64((i % 5) as f64 * 0.5))
+        .collect();
+    let mut c = vec![T::from_f64(0.0); n * n];
+    let mut times = Vec::new();
+    for _ in 0..=REPS {
+        let started = Instant::now();
+        pool.install(|| {
+            let a = MatRef::row_major(&a, n, n).unwrap();
+            let b = MatRef::row_major(&b, n, n).unwrap();
+            let c = MatMut::row_major(&mut c, n, n).unwrap();
+            par_gemm(T::from_f64(1.0), a, b, T::from_f64(0.0), c).unwrap();
+        });
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.remove(0);
+    2.0 * (n * n * n) as f64 / median(&mut times) / 1e9
+}
+
+/// The page with a volunteer token in its URL: this run opens more tabs from one address
+/// than open mode's per-address allowance.
+fn page_url(c: &Coordinator, threads: usize) -> String {
+    let volunteer = token("bench-tab", Role::Volunteer);
+    format!("{}/?threads={threads}#token={volunteer}", c.url)
+}
+
+async fn joined(page: &Page<'_>) {
+    page.wait_for(
+        "tabgrid.state?.phase === 'connected' && tabgrid.state.workerId",
+        "the tab to join",
+    )
+    .await;
+}
+
+async fn kernels(c: &Coordinator, browser: &Browser) {
+    println!(
+        "\n## Kernel in a tab vs natively (median GFLOP/s of {REPS} products, {ROUNDS} rounds)\n"
+    );
+    println!("| dtype | n | threads | tab | native | tab / native |");
+    println!("|---|---|---|---|---|---|");
+    for threads in [1usize, 2] {
+        let page = browser.open(&page_url(c, threads), false).await;
+        joined(&page).await;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for dtype in ["f32", "f64"] {
+            for n in [512usize, 1024] {
+                let (mut tab, mut native, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..ROUNDS {
+                    let t = page
+                        .eval(&format!("tabgrid.bench('{dtype}', {n}, {REPS})"))
+                        .await
+                        .as_f64()
+                        .unwrap();
+                    let nat = if dtype == "f32" {
+                        native_gflops::<f32>(&pool, n)
+                    } else {
+                        native_gflops::<f64>(&pool, n)
+                    };
+                    tab.push(t);
+                    native.push(nat);
+                    ratio.push(t / nat);
+                }
+                println!(
+                    "| {dtype} | {n} | {threads} | {:.1} | {:.1} | **{:.2}** |",
+                    median(&mut tab),
+                    median(&mut native),
+                    median(&mut ratio)
+                );
+            }
+        }
+        page.close().await;
+    }
+}
+
+/// A job of `m x k x n` f32, submitted as `.npy`; returns its id.
+async fn submit(c: &Coordinator, bearer: &str, (m, k, n): (usize, usize, usize)) -> String {
+    let a = npy_f32(m, k, &random_matrix(m, k, 1));
+    let b = npy_f32(k, n, &random_matrix(k, n, 2));
+    let spec = json!({"op": "gemm", "dtype": "f32"});
+    let form = reqwest::multipart::Form::new()
+        .part("spec", reqwest::multipart::Part::text(spec.to_string()))
+        .part("a", reqwest::multipart::Part::bytes(a).file_name("a.npy"))
+        .part("b", reqwest::multipart::Part::bytes(b).file_name("b.npy"));
+    let (status, reply) = c.post_form("/jobs", bearer, form).await;
+    assert_eq!(status, 201, "{reply}");
+    reply["id"].as_str().unwrap().to_owned()
+}
+
+async fn first_tile(c: &Coordinator, browser: &Browser, bearer: &str) {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let id = submit(c, bearer, (512, 512, 512)).await;
+        let page = browser.open(&page_url(c, 2), false).await;
+        let ms = page
+            .wait_for("tabgrid.firstTileMs", "the first tile")
+            .await
+            .as_f64()
+            .unwrap();
+        times.push(ms);
+        c.wait_job(&id, bearer).await;
+        page.close().await;
+    }
+    println!(
+        "\n## From opening the page to its first tile done\n\nmedian of 5 fresh tabs (2 threads, a job waiting): **{:.0} ms** (runs: {:?})",
+        median(&mut times),
+        times.iter().map(|t| t.round()).collect::<Vec<_>>()
+    );
+}
+
+async fn hidden_vs_visible(c: &Coordinator, browser: &Browser, bearer: &str) {
+    let shape = (2048, 1024, 2048);
+    let flops = 2.0 * (shape.0 * shape.1 * shape.2) as f64;
+    let (mut visible, mut hidden, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let mut pair = [0.0; 2];
+        for (slot, background) in [(0, false), (1, true)] {
+            let page = browser.open(&page_url(c, 2), background).await;
+            joined(&page).await;
+            // A tab in front of it is what hides a background tab.
+            let cover = match background {
+                true => Some(browser.open("about:blank", false).await),
+                false => None,
+            };
+            let state = page.eval("document.visibilityState").await;
+            assert_eq!(state, if background { "hidden" } else { "visible" });
+            let started = Instant::now();
+            let id = submit(c, bearer, shape).await;
+            let done = c.wait_job(&id, bearer).await;
+            assert_eq!(done["state"], "done");
+            pair[slot] = flops / started.elapsed().as_secs_f64() / 1e9;
+            assert_eq!(page.eval("document.visibilityState").await, state);
+            page.close().await;
+            if let Some(cover) = cover {
+                cover.close().await;
+            }
+        }
+        visible.push(pair[0]);
+        hidden.push(pair[1]);
+        ratio.push(pair[1] / pair[0]);
+    }
+    println!(
+        "\n## Hidden vs visible tab\n\nf32 2048x1024x2048 job (64 tiles), one tab with 2 threads, submission to done, {ROUNDS} rounds:\n\n| | GFLOP/s (median) |\n|---|---|\n| visible | {:.1} |\n| hidden | {:.1} |\n| **hidden / visible** | **{:.2}** |",
+        median(&mut visible),
+        median(&mut hidden),
+        median(&mut ratio)
+    );
+}
+
+fn bundle_sizes() {
+    let pkg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../www/pkg");
+    println!("\n## Bundle sizes\n\n| bundle | file | bytes | gzip -9 |\n|---|---|---|---|");
+    for bundle in ["threaded", "single"] {
+        for file in ["tabgrid_client_wasm_bg.wasm", "tabgrid_client_wasm.js"] {
+            let path = pkg.join(bundle).join(file);
+            let raw = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let gzipped = Command::new("gzip")
+                .args(["-9", "-c"])
+                .arg(&path)
+                .output()
+                .map(|o| o.stdout.len())
+                .unwrap_or(0);
+            println!("| {bundle} | {file} | {raw} | {gzipped} |");
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let c = Coordinator::start(&[]).await;
+    let browser = Browser::launch(&[]).await;
+    let bearer = token("bench", Role::Submitter);
+    println!("# cargo xtask bench browser");
+    kernels(&c, &browser).await;
+    first_tile(&c, &browser, &bearer).await;
+    hidden_vs_visible(&c, &browser, &bearer).await;
+    bundle_sizes();
+}
