@@ -346,3 +346,20 @@ async fn a_hidden_tab_keeps_computing() {
     assert_eq!(page.eval("document.visibilityState").await, "hidden");
     page.assert_no_errors().await;
 }
+
+#[tokio::test]
+async fn a_tab_rejoins_a_restarted_coordinator_by_itself() {
+    let c = Coordinator::start(&[]).await;
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
+    joined(&page).await;
+    // SIGKILL, then a new process on the same address: only the tab's own retry can
+    // bring it back.
+    let c = c.restart().await;
+    c.wait_workers_connected(1).await;
+    joined(&page).await;
+    assert_eq!(workers(&c).await.len(), 1);
+    let t = token("ada", Role::Submitter);
+    run_case(&c, &t, &Case::new(64, 64, 64), 5).await;
+    page.assert_no_errors().await;
+}
