@@ -72,7 +72,7 @@ function render(state) {
   tabgrid.state = state;
   if (state.tiles > 0 && tabgrid.firstTileMs === null) tabgrid.firstTileMs = performance.now();
   let headline = HEADLINES[state.phase] ?? state.phase;
-  if (state.phase === 'connected' && state.tiles === 0) headline = 'Connected — waiting for work';
+  if (state.phase === 'connected' && state.leases === 0) headline = 'Connected — waiting for work';
   show({ phase: state.phase, headline, detail: state.detail });
   $('tiles').textContent = state.tiles.toLocaleString();
   $('gflops').textContent = state.gflops > 0 ? state.gflops.toFixed(1) : '–';

@@ -376,6 +376,7 @@ fn on_frame(inner: &Rc<Inner>, generation: u64, data: JsValue) {
             return;
         }
     };
+    let mut changed = false;
     let commands = {
         let mut state = inner.state.borrow_mut();
         match (frame, state.session.as_mut()) {
@@ -393,10 +394,19 @@ fn on_frame(inner: &Rc<Inner>, generation: u64, data: JsValue) {
                 close(inner, PROTOCOL_ERROR, "expected Welcome first");
                 return;
             }
-            (frame, Some(session)) => session.handle(frame),
+            (frame, Some(session)) => {
+                let held = session.leases().len();
+                let commands = session.handle(frame);
+                // New work or work taken away: the page says whether it is computing.
+                changed = held != session.leases().len();
+                commands
+            }
         }
     };
     carry_out(inner, generation, commands);
+    if changed {
+        report(inner);
+    }
 }
 
 fn welcomed(inner: &Rc<Inner>, generation: u64, welcome: Welcome) {
@@ -614,6 +624,8 @@ fn stats(inner: &Inner) -> JsValue {
             .map_or(JsValue::NULL, |id| JsValue::from(id as f64)),
     );
     set(&info, "tiles", state.tiles_done as f64);
+    let leases = state.session.as_ref().map_or(0, |s| s.leases().len());
+    set(&info, "leases", leases as f64);
     let (flops, ms) = state
         .recent
         .iter()
