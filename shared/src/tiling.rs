@@ -24,7 +24,7 @@ pub enum TilingError {
     #[error(
         "inner dimension k = {k} is too large: one row of A ({bytes} bytes) exceeds the panel limit of {limit} bytes"
     )]
-    InnerTooLarge { k: u32, bytes: usize, limit: usize },
+    InnerTooLarge { k: u32, bytes: u64, limit: usize },
 }
 
 /// The tiling of one job.
@@ -63,15 +63,17 @@ impl TilePlan {
         dtype: Dtype,
         edge: u32,
     ) -> Result<TilePlan, TilingError> {
-        let line = k as usize * dtype.size();
-        if line > MAX_PANEL_BYTES {
+        // In u64: on wasm32 a usize holds 4 GiB, less than k·8 can be.
+        let line = u64::from(k) * dtype.size() as u64;
+        if line > MAX_PANEL_BYTES as u64 {
             return Err(TilingError::InnerTooLarge {
                 k,
                 bytes: line,
                 limit: MAX_PANEL_BYTES,
             });
         }
-        let fit = (MAX_PANEL_BYTES / line.max(1)).min(u32::MAX as usize) as u32;
+        // line <= MAX_PANEL_BYTES, so it fits a usize on every target.
+        let fit = (MAX_PANEL_BYTES / (line as usize).max(1)).min(u32::MAX as usize) as u32;
         let edge = edge.max(1).min(fit);
         Ok(TilePlan::new(
             m,

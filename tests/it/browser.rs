@@ -363,3 +363,31 @@ async fn a_tab_rejoins_a_restarted_coordinator_by_itself() {
     run_case(&c, &t, &Case::new(64, 64, 64), 5).await;
     page.assert_no_errors().await;
 }
+
+#[tokio::test]
+async fn a_page_without_bundles_says_what_to_build() {
+    let www = tempfile::tempdir().unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../www");
+    for file in ["index.html", "app.js", "volunteer.js", "style.css"] {
+        std::fs::copy(source.join(file), www.path().join(file)).unwrap();
+    }
+    let c = Coordinator::start(&["--www", www.path().to_str().unwrap()]).await;
+    c.wait_log("no WebAssembly bundles", 1).await;
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&c.url, false).await;
+    let detail = page
+        .wait_for(
+            "tabgrid.errors.length > 0 && document.getElementById('detail').textContent",
+            "the page to explain the missing bundle",
+        )
+        .await;
+    assert!(
+        detail.as_str().unwrap().contains("cargo xtask wasm"),
+        "{detail}"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('headline').textContent")
+            .await,
+        "Cannot join the grid"
+    );
+}

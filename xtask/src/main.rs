@@ -15,8 +15,9 @@ usage: cargo xtask <command>
   wasm            build the browser bundles (threaded and single-threaded) into www/pkg
   test            build the binaries and bundles, then run every test (unit, integration,
                   end-to-end, browser)
+  test-wasi       shared's tests (the kernels' proptests) as wasm32 + simd128 under Node's WASI
   ci              what CI runs: fmt check, clippy -D warnings (native and client-wasm),
-                  wasm32 build of shared, test
+                  wasm32 build of shared, shared's tests under wasm32-wasip1 (Node), test
   bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
   bench scheduler scheduler state machine throughput (100k tiles)
   bench browser   the kernel in headless Chromium vs natively, first tile, hidden tab, bundle sizes
@@ -29,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         ["cluster", rest @ ..] => cluster(rest),
         ["wasm"] => wasm::wasm(),
         ["test", rest @ ..] => test(rest),
+        ["test-wasi"] => test_wasi(),
         ["ci"] => ci(),
         ["bench", "e2e", rest @ ..] => bench_e2e(rest),
         ["bench", "browser"] => {
@@ -102,6 +104,7 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
 
 /// The README's first command: a grid whose page works, from a fresh clone.
 fn cluster(extra: &[&str]) -> anyhow::Result<()> {
+    let extra = extra.strip_prefix(&["--"]).unwrap_or(extra);
     wasm::wasm()?;
     let mut args = vec!["run", "--release", "--bin", "tabgrid", "--", "cluster"];
     if extra.is_empty() {
@@ -130,7 +133,25 @@ fn ci() -> anyhow::Result<()> {
         "--target",
         "wasm32-unknown-unknown",
     ])?;
+    test_wasi()?;
     test(&[])
+}
+
+/// `shared`'s tests (kernel proptests included) compiled to wasm32 with simd128 and run
+/// under Node's WASI: the browser kernels checked against the same reference as native.
+fn test_wasi() -> anyhow::Result<()> {
+    run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]))?;
+    let root = root();
+    let runner = format!("node {}", root.join("xtask/wasi-runner.mjs").display());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .args(["test", "-p", "tabgrid-shared", "--target", "wasm32-wasip1"])
+        .env("CARGO_TARGET_WASM32_WASIP1_RUNNER", runner)
+        .env(
+            "CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS",
+            "-C target-feature=+simd128",
+        )
+        .env("CARGO_TARGET_DIR", root.join("target/wasi")))
 }
 
 fn bench_e2e(extra: &[&str]) -> anyhow::Result<()> {

@@ -569,7 +569,9 @@ mod tests {
         session.handle(ToWorker::Operand(b));
         let replies = sends(session.handle(ToWorker::Assign(assign)));
         assert!(
-            matches!(&replies[..], [ToCoordinator::Failed { reason, .. }, _] if reason.contains("does not fit")),
+            // 64-bit targets refuse it for the frame; wasm32 already for its address space.
+            matches!(&replies[..], [ToCoordinator::Failed { reason, .. }, _]
+                if reason.contains("does not fit") || reason.contains("too large")),
             "{replies:?}"
         );
     }
