@@ -421,8 +421,14 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(url: &str, token: &str, threads: usize) -> Worker {
+        Worker::start_with(url, token, threads, &[])
+    }
+
+    /// A worker with extra arguments (`--chaos …`).
+    pub fn start_with(url: &str, token: &str, threads: usize, extra: &[&str]) -> Worker {
         let mut child = Command::new(bin("tabgrid-worker"))
             .args(["--coordinator", url, "--threads", &threads.to_string()])
+            .args(extra)
             .env("TABGRID_TOKEN", token)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

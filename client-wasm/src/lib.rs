@@ -376,8 +376,7 @@ fn on_frame(inner: &Rc<Inner>, generation: u64, data: JsValue) {
             return;
         }
     };
-    let mut changed = false;
-    let commands = {
+    let (commands, changed) = {
         let mut state = inner.state.borrow_mut();
         match (frame, state.session.as_mut()) {
             (ToWorker::Welcome(welcome), None) => {
@@ -398,8 +397,8 @@ fn on_frame(inner: &Rc<Inner>, generation: u64, data: JsValue) {
                 let held = session.leases().len();
                 let commands = session.handle(frame);
                 // New work or work taken away: the page says whether it is computing.
-                changed = held != session.leases().len();
-                commands
+                let changed = held != session.leases().len();
+                (commands, changed)
             }
         }
     };

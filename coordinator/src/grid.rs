@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tabgrid_shared::protocol::{self, LeaseId, OperandKey, TileResult, ToWorker, WorkerKind};
@@ -23,6 +23,7 @@ use crate::scheduler::{
     WorkerId,
 };
 use crate::store::{JobOperands, JobRecord, JobState, Store, StoreError};
+use crate::verify;
 
 /// An operand panel ready to send: shared by every worker that needs it.
 #[derive(Debug)]
@@ -188,9 +189,13 @@ struct WorkerConn {
     info: WorkerInfo,
     /// When each live lease was handed out, for the lease latency histogram.
     lease_started: HashMap<LeaseId, Instant>,
+    /// Results of this connection that failed verification.
+    strikes: u32,
 }
 
 struct Inner {
+    /// Subjects refused until then, for sending wrong results.
+    banned: HashMap<String, Instant>,
     scheduler: Scheduler,
     jobs: HashMap<JobId, LiveJob>,
     by_name: HashMap<String, JobId>,
@@ -212,6 +217,46 @@ pub enum ResultError {
         actual: usize,
         expected: usize,
     },
+    /// Too many results failed verification: the connection is refused and its subject
+    /// kept out for [`BAN_COOLDOWN`].
+    #[error("{strikes} results failed verification; refused for {} s", BAN_COOLDOWN.as_secs())]
+    Banned { strikes: u32 },
+}
+
+/// Results failing verification that a connection may send before it is dropped.
+pub const STRIKE_LIMIT: u32 = 3;
+/// How long a subject whose worker was dropped for wrong results stays refused.
+pub const BAN_COOLDOWN: Duration = Duration::from_secs(600);
+
+/// The operands a worker's tile is checked against, held by `Arc` so that the check
+/// runs outside the grid lock.
+#[derive(Debug)]
+pub struct CheckInputs {
+    dtype: Dtype,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f64,
+    beta: f64,
+    a: Arc<OperandData>,
+    b: Arc<OperandData>,
+    c: Option<Arc<OperandData>>,
+}
+
+impl CheckInputs {
+    pub fn tile(&self) -> verify::Tile<'_> {
+        verify::Tile {
+            dtype: self.dtype,
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            alpha: self.alpha,
+            beta: self.beta,
+            a: &self.a.bytes,
+            b: &self.b.bytes,
+            c: self.c.as_ref().map(|c| &c.bytes[..]),
+        }
+    }
 }
 
 /// The running grid. Shared by request handlers, socket tasks and the ticker.
@@ -226,6 +271,7 @@ impl Grid {
     pub fn new(store: Arc<dyn Store>, metrics: Metrics, config: SchedulerConfig) -> Arc<Grid> {
         Arc::new(Grid {
             inner: Mutex::new(Inner {
+                banned: HashMap::new(),
                 scheduler: Scheduler::new(config),
                 jobs: HashMap::new(),
                 by_name: HashMap::new(),
@@ -375,9 +421,14 @@ impl Grid {
         gflops: f64,
         cache_bytes: u64,
         agent: String,
-    ) -> (WorkerId, mpsc::UnboundedReceiver<Outbound>) {
+    ) -> Result<(WorkerId, mpsc::UnboundedReceiver<Outbound>), Duration> {
         let (outbox, rx) = mpsc::unbounded_channel();
         let mut inner = self.lock();
+        let now = Instant::now();
+        inner.banned.retain(|_, until| *until > now);
+        if let Some(until) = inner.banned.get(&subject) {
+            return Err(until.duration_since(now));
+        }
         let id = inner.next_worker;
         inner.next_worker += 1;
         inner.workers.insert(
@@ -395,11 +446,12 @@ impl Grid {
                     agent,
                 },
                 lease_started: HashMap::new(),
+                strikes: 0,
             },
         );
         inner.scheduler.worker_joined(id, gflops, cache_bytes);
         self.update_worker_gauges(&inner);
-        (id, rx)
+        Ok((id, rx))
     }
 
     /// A worker's connection ended: its leases return to the queue at once.
@@ -451,12 +503,52 @@ impl Grid {
         outcome
     }
 
-    /// A tile result arrived. `checksum_ok` was computed by the caller, outside the lock.
+    /// What a result for `lease` must be checked against, or `None` when no check is
+    /// needed (the tile is done already or the lease is not this worker's: `result` sorts
+    /// those out).
+    pub fn check_inputs(&self, worker: WorkerId, lease: LeaseId) -> Option<CheckInputs> {
+        let inner = self.lock();
+        let (job_id, tile) = match inner.scheduler.lease(worker, lease).ok()? {
+            LeaseStatus::Active { job, tile } | LeaseStatus::Retired { job, tile } => (job, tile),
+        };
+        if !inner.scheduler.tile_open(job_id, tile) {
+            return None;
+        }
+        let job = inner.jobs.get(&job_id)?;
+        let plan = job.plan;
+        let (tiles_i, tiles_j) = (plan.tiles_i() as usize, plan.tiles_j() as usize);
+        let (i, j) = (tile.0 as usize, tile.1 as usize);
+        let data = |index: usize| {
+            let key = job.keys.get(index)?;
+            inner.operands.get(key).map(|(data, _)| data.clone())
+        };
+        let c = if job.has_c {
+            Some(data(tiles_i + tiles_j + i * tiles_j + j)?)
+        } else {
+            None
+        };
+        Some(CheckInputs {
+            dtype: job.record.dtype,
+            m: plan.rows(tile.0).len(),
+            n: plan.cols(tile.1).len(),
+            k: plan.k as usize,
+            alpha: job.record.alpha,
+            beta: if job.has_c { job.record.beta } else { 0.0 },
+            a: data(i)?,
+            b: data(tiles_i + j)?,
+            c,
+        })
+    }
+
+    /// A tile result arrived. `checksum_ok` and `verdict` (Freivalds' check against
+    /// [`Grid::check_inputs`], `None` when there was nothing to check) were worked out by
+    /// the caller, outside the lock.
     pub fn result(
         &self,
         worker: WorkerId,
         result: TileResult,
         checksum_ok: bool,
+        verdict: Option<Result<(), verify::Mismatch>>,
     ) -> Result<(), ResultError> {
         let mut inner = self.lock();
         let now = self.now();
@@ -502,7 +594,36 @@ impl Grid {
             });
             return outcome.map_err(Into::into);
         }
-        // Verification of the arithmetic (Freivalds) plugs in here before acceptance.
+        if let Some(Err(mismatch)) = verdict {
+            // Wrong arithmetic: never written. The tile goes back to the queue, and the
+            // connection collects a strike.
+            self.metrics.result_refused("verification");
+            let strikes = inner.workers.get_mut(&worker).map_or(0, |conn| {
+                conn.strikes += 1;
+                conn.strikes
+            });
+            tracing::warn!(
+                worker,
+                lease = result.lease,
+                strikes,
+                %mismatch,
+                "result failed verification; tile re-queued"
+            );
+            let mut outcome = Ok(());
+            self.step(&mut inner, |s| {
+                outcome = s.failed(worker, result.lease, now)
+            });
+            outcome?;
+            if strikes >= STRIKE_LIMIT {
+                if let Some(conn) = inner.workers.get(&worker) {
+                    let subject = conn.info.subject.clone();
+                    inner.banned.insert(subject, Instant::now() + BAN_COOLDOWN);
+                }
+                self.metrics.worker_banned();
+                return Err(ResultError::Banned { strikes });
+            }
+            return Ok(());
+        }
         let job = inner.jobs.get_mut(&job_id).expect("checked above");
         job.result.write_block(
             rows.start as usize,

@@ -14,16 +14,17 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use tabgrid_shared::claims::{Claims, Role};
 use tabgrid_shared::protocol::{
-    self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, PROTOCOL_VERSION, ToCoordinator,
-    ToWorker, Welcome,
+    self, FrameError, Hello, Limits, MAX_FRAME_BYTES, MAX_SLOTS, PROTOCOL_VERSION, TileResult,
+    ToCoordinator, ToWorker, Welcome,
 };
 use tokio::time::Instant;
 
 use crate::auth::TokenError;
 use crate::error::ApiError;
-use crate::grid::{Grid, Outbound, ResultError};
+use crate::grid::{CheckInputs, Grid, Outbound, ResultError};
 use crate::scheduler::WorkerId;
 use crate::server::AppState;
+use crate::verify;
 
 /// WebSocket close codes this hub uses. 1008 means "do not come back with these
 /// credentials or this version"; workers reconnect after any other code.
@@ -124,7 +125,7 @@ impl Session {
             }
         };
         let grid = self.state.grid.clone();
-        let (worker, outbox) = grid.register_worker(
+        let registered = grid.register_worker(
             hello.kind,
             claims.sub.clone(),
             hello.threads,
@@ -132,6 +133,18 @@ impl Session {
             hello.cache_bytes,
             hello.agent.chars().take(200).collect(),
         );
+        let (worker, outbox) = match registered {
+            Ok(registered) => registered,
+            Err(left) => {
+                tracing::warn!(subject = claims.sub, "refused a banned subject");
+                return self
+                    .close(Refusal::policy(format!(
+                        "banned for results that failed verification; try again in {} s",
+                        left.as_secs().max(1)
+                    )))
+                    .await;
+            }
+        };
         tracing::info!(
             worker,
             peer = %self.peer,
@@ -241,7 +254,7 @@ impl Session {
                         Some(Err(err)) => return oversized(&err),
                         Some(Ok(Message::Binary(bytes))) => {
                             grid.metrics().bytes_received(bytes.len());
-                            if let Err(refusal) = self.handle(grid, worker, &bytes) {
+                            if let Err(refusal) = self.handle(grid, worker, &bytes).await {
                                 return Some(refusal);
                             }
                         }
@@ -296,7 +309,7 @@ impl Session {
         }
     }
 
-    fn handle(&mut self, grid: &Grid, worker: WorkerId, frame: &[u8]) -> Result<(), Refusal> {
+    async fn handle(&mut self, grid: &Grid, worker: WorkerId, frame: &[u8]) -> Result<(), Refusal> {
         let violation = |v: crate::scheduler::Violation| Refusal::protocol(v.to_string());
         match protocol::decode::<ToCoordinator>(frame)? {
             ToCoordinator::Hello(_) => Err(Refusal::protocol("Hello sent twice")),
@@ -308,9 +321,14 @@ impl Session {
             }
             ToCoordinator::Result(result) => {
                 let checksum_ok = protocol::checksum(&result.payload) == result.checksum;
-                grid.result(worker, result, checksum_ok)
+                let verdict = match grid.check_inputs(worker, result.lease) {
+                    Some(inputs) if checksum_ok => Some(verify_result(inputs, &result).await),
+                    _ => None,
+                };
+                grid.result(worker, result, checksum_ok, verdict)
                     .map_err(|err| match err {
                         ResultError::Violation(v) => violation(v),
+                        ResultError::Banned { .. } => Refusal::policy(err.to_string()),
                         other => Refusal::protocol(other.to_string()),
                     })
             }
@@ -344,6 +362,26 @@ impl Session {
             .await;
     }
 }
+
+/// Freivalds' check of a result, on a blocking thread when it is big enough to hold up
+/// this socket's other frames. A result of the wrong size is left for `Grid::result` to
+/// refuse.
+async fn verify_result(inputs: CheckInputs, result: &TileResult) -> Result<(), verify::Mismatch> {
+    let tile = inputs.tile();
+    if result.payload.len() != tile.m * tile.n * tile.dtype.size() {
+        return Ok(());
+    }
+    if verify::cost(&tile) < INLINE_CHECK_COST {
+        return verify::check(&tile, &result.payload, &mut rand::rng());
+    }
+    let payload = result.payload.clone();
+    tokio::task::spawn_blocking(move || verify::check(&inputs.tile(), &payload, &mut rand::rng()))
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// Multiply-adds below which a check runs on the socket task (tens of microseconds).
+const INLINE_CHECK_COST: usize = 1 << 16;
 
 /// Resolves once the coordinator starts shutting down.
 async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {

@@ -19,6 +19,7 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod verify;
 pub mod volunteers;
 pub mod www;
 

@@ -37,6 +37,7 @@ pub struct Metrics {
     tiles_accepted: Counter,
     tiles_reassigned: Family<ReasonLabel, Counter>,
     results_refused: Family<ReasonLabel, Counter>,
+    workers_banned: Counter,
     workers_connected: Family<KindLabel, Gauge>,
     bytes_sent: Counter,
     bytes_received: Counter,
@@ -65,6 +66,7 @@ impl Metrics {
             tiles_accepted: Counter::default(),
             tiles_reassigned: Family::default(),
             results_refused: Family::default(),
+            workers_banned: Counter::default(),
             workers_connected: Family::default(),
             bytes_sent: Counter::default(),
             bytes_received: Counter::default(),
@@ -108,8 +110,13 @@ impl Metrics {
         );
         registry.register(
             "results_refused",
-            "Tile results refused (wrong size, bad checksum)",
+            "Tile results refused (size: wrong size, checksum: corrupted on the way, verification: wrong arithmetic)",
             m.results_refused.clone(),
+        );
+        registry.register(
+            "workers_banned",
+            "Worker connections dropped for results that failed verification",
+            m.workers_banned.clone(),
         );
         registry.register(
             "workers",
@@ -179,6 +186,10 @@ impl Metrics {
     pub fn tile_accepted(&self, lease_seconds: f64) {
         self.tiles_accepted.inc();
         self.lease_seconds.observe(lease_seconds);
+    }
+
+    pub fn worker_banned(&self) {
+        self.workers_banned.inc();
     }
 
     pub fn result_refused(&self, reason: &'static str) {

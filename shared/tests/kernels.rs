@@ -1,9 +1,12 @@
 //! Checks every GEMM path (dispatched, forced portable, and the rayon drivers) against the
-//! naive f64 reference on random shapes, layouts and scalars, plus the edge cases the
-//! blocked loops special-case: empty dimensions, NaN/Inf, `beta == 0`, shape errors.
+//! naive f64 reference on random shapes up to 300 in each dimension, layouts (transposed,
+//! padded, stepped, broadcast) and scalars, in f32 and f64, plus the edge cases the blocked
+//! loops special-case: empty dimensions, NaN/Inf, `beta == 0`, shape errors.
 //!
 //! They also run under wasm32-wasip1 with `+simd128` (see `xtask/wasi-runner.mjs`), where
-//! `gemm` is the simd128 path and `gemm_portable` the autovectorized loops.
+//! `gemm` is the simd128 path and `gemm_portable` the autovectorized loops, and as aarch64
+//! under qemu (`xtask/src/cross.rs`), where `gemm` is the NEON path. `PROPTEST_CASES` sets
+//! the number of cases per property; emulated runs lower it.
 
 use proptest::prelude::*;
 use tabgrid_shared::kernels::{self, Element, MatMut, MatRef, ShapeError, reference};
@@ -47,20 +50,34 @@ enum Layout {
     /// Built as the transpose of a row-major buffer, to exercise `MatRef::t`.
     ColMajor,
     /// Rows `row_pad` slots apart beyond their extent, columns `col_step` apart; the gaps hold
-    /// sentinels that must be neither read into the result nor overwritten.
+    /// sentinels that must be neither read into the result nor overwritten. `transposed`
+    /// swaps the roles: columns padded, rows stepped (a padded column-major layout).
     Strided {
         row_pad: usize,
         col_step: usize,
+        transposed: bool,
     },
+    /// Every row is the same slots (row stride 0), a broadcast; only inputs may be one.
+    RepeatedRow,
 }
 
-fn layout() -> impl Strategy<Value = Layout> {
+/// Layouts an output may have: no two elements in one slot.
+fn output_layout() -> impl Strategy<Value = Layout> {
     prop_oneof![
         Just(Layout::RowMajor),
         Just(Layout::ColMajor),
-        (0usize..4, 1usize..4)
-            .prop_map(|(row_pad, col_step)| Layout::Strided { row_pad, col_step }),
+        (0usize..4, 1usize..4, any::<bool>()).prop_map(|(row_pad, col_step, transposed)| {
+            Layout::Strided {
+                row_pad,
+                col_step,
+                transposed,
+            }
+        }),
     ]
+}
+
+fn input_layout() -> impl Strategy<Value = Layout> {
+    prop_oneof![6 => output_layout(), 1 => Just(Layout::RepeatedRow)]
 }
 
 /// SplitMix64, so a whole matrix comes from one proptest-chosen seed.
@@ -104,15 +121,31 @@ impl<T: Element> Stored<T> {
         let (row_stride, col_stride, len) = match layout {
             Layout::RowMajor => (cols, 1, rows * cols),
             Layout::ColMajor => (1, rows, rows * cols),
-            Layout::Strided { row_pad, col_step } => {
-                let row_stride = cols.saturating_sub(1) * col_step + 1 + row_pad;
+            Layout::Strided {
+                row_pad,
+                col_step,
+                transposed,
+            } => {
+                // Lay out `lines` lines of `line_len` elements; the lines are the rows, or
+                // the columns when transposed.
+                let (lines, line_len) = if transposed {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
+                let line_stride = line_len.saturating_sub(1) * col_step + 1 + row_pad;
                 let len = if rows == 0 || cols == 0 {
                     3
                 } else {
-                    (rows - 1) * row_stride + (cols - 1) * col_step + 3
+                    (lines - 1) * line_stride + (line_len - 1) * col_step + 3
                 };
-                (row_stride, col_step, len)
+                if transposed {
+                    (col_step, line_stride, len)
+                } else {
+                    (line_stride, col_step, len)
+                }
             }
+            Layout::RepeatedRow => (0, 1, if rows == 0 { 0 } else { cols }),
         };
         let mut data = vec![T::from_f64(SENTINEL); len];
         for r in 0..rows {
@@ -140,7 +173,7 @@ impl<T: Element> Stored<T> {
             Layout::ColMajor => MatRef::row_major(&self.data, self.cols, self.rows)
                 .unwrap()
                 .t(),
-            Layout::Strided { .. } => MatRef::new(
+            Layout::Strided { .. } | Layout::RepeatedRow => MatRef::new(
                 &self.data,
                 self.rows,
                 self.cols,
@@ -189,12 +222,38 @@ impl<T: Element> Stored<T> {
     }
 }
 
-/// Runs `path` and checks it element by element against the reference: NaN where the
-/// reference has NaN, the same infinity where it has one, and otherwise within a rounding
-/// bound that grows with k and with the magnitudes summed (`|alpha|·|A|·|B| + |beta|·|C|`).
-/// Slots outside C's view must be left as they were.
+/// What every path must produce for one product: the reference's C, and per slot the
+/// magnitude `|alpha|·|A|·|B| + |beta|·|C|` of what was summed, which bounds the rounding.
+struct Expected<T> {
+    c: Stored<T>,
+    magnitude: Stored<f64>,
+}
+
+impl<T: Element> Expected<T> {
+    fn new(alpha: T, a: &Stored<T>, b: &Stored<T>, beta: T, c: &Stored<T>) -> Self {
+        let mut expected = c.clone();
+        reference::gemm(alpha, a.view(), b.view(), beta, expected.view_mut()).unwrap();
+
+        let abs = |s: &Stored<T>| s.map(|x| x.to_f64().abs());
+        let mut magnitude = abs(c);
+        reference::gemm(
+            alpha.to_f64().abs(),
+            abs(a).view(),
+            abs(b).view(),
+            beta.to_f64().abs(),
+            magnitude.view_mut(),
+        )
+        .unwrap();
+        Self {
+            c: expected,
+            magnitude,
+        }
+    }
+}
+
+/// [`check_against`] a reference computed for this one call.
 fn check<T: Element>(
-    (name, path): (&str, GemmFn<T>),
+    path: (&str, GemmFn<T>),
     alpha: T,
     a: &Stored<T>,
     b: &Stored<T>,
@@ -202,20 +261,32 @@ fn check<T: Element>(
     c: &Stored<T>,
     eps: f64,
 ) -> Result<(), TestCaseError> {
-    let mut expected = c.clone();
-    reference::gemm(alpha, a.view(), b.view(), beta, expected.view_mut()).unwrap();
+    let expected = Expected::new(alpha, a, b, beta, c);
+    check_against(path, alpha, a, b, beta, c, &expected, eps)
+}
 
-    let abs = |s: &Stored<T>| s.map(|x| x.to_f64().abs());
-    let mut magnitude = c.map(|x| x.to_f64().abs());
-    reference::gemm(
-        alpha.to_f64().abs(),
-        abs(a).view(),
-        abs(b).view(),
-        beta.to_f64().abs(),
-        magnitude.view_mut(),
-    )
-    .unwrap();
-
+/// Runs `path` and checks it element by element against the reference: NaN where the
+/// reference has NaN, the same infinity where it has one, and otherwise within a rounding
+/// bound that grows with k and with the magnitudes summed. Slots outside C's view must be
+/// left as they were.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the GEMM operands, then what to hold them to"
+)]
+fn check_against<T: Element>(
+    (name, path): (&str, GemmFn<T>),
+    alpha: T,
+    a: &Stored<T>,
+    b: &Stored<T>,
+    beta: T,
+    c: &Stored<T>,
+    expected: &Expected<T>,
+    eps: f64,
+) -> Result<(), TestCaseError> {
+    let Expected {
+        c: expected,
+        magnitude,
+    } = expected;
     let mut got = c.clone();
     path(alpha, a.view(), b.view(), beta, got.view_mut()).unwrap();
 
@@ -262,75 +333,114 @@ struct Case {
 }
 
 fn scalar() -> impl Strategy<Value = f64> {
-    prop_oneof![Just(0.0), Just(1.0), Just(-1.0), -2.0..2.0f64]
+    prop_oneof![Just(0.0), Just(1.0), Just(-1.0), -2.0..2.0f64, -1e3..1e3f64]
 }
 
-fn case(max_dim: usize) -> impl Strategy<Value = Case> {
+/// 1 to 300, past the tiles and the `kc` of 256; one draw in four is at most 16, so that a
+/// C of one partial tile and a k of one or two come up often.
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![3 => 1..=300usize, 1 => 1..=16usize]
+}
+
+fn case() -> impl Strategy<Value = Case> {
     (
-        (1..=max_dim, 1..=max_dim, 1..=max_dim),
-        prop::array::uniform3(layout()),
+        (dim(), dim(), dim()),
+        (input_layout(), input_layout(), output_layout()),
         scalar(),
         scalar(),
         any::<u64>(),
     )
-        .prop_map(|((m, k, n), layouts, alpha, beta, seed)| Case {
+        .prop_map(|((m, k, n), (la, lb, lc), alpha, beta, seed)| Case {
             m,
             k,
             n,
-            layouts,
+            layouts: [la, lb, lc],
             alpha,
             beta,
             seed,
         })
 }
 
-fn check_case<T: Element>(case: &Case, eps: f64) -> Result<(), TestCaseError> {
+/// A, B and C for `case`, with `specials` (which matrix, which element, which of NaN, +Inf
+/// and -Inf) written over random elements.
+fn operands<T: Element>(
+    case: &Case,
+    specials: &[(usize, prop::sample::Index, usize)],
+) -> [Stored<T>; 3] {
     let mut rng = Rng(case.seed);
-    let a = Stored::<T>::random(case.m, case.k, case.layouts[0], &mut rng);
-    let b = Stored::<T>::random(case.k, case.n, case.layouts[1], &mut rng);
-    let c = Stored::<T>::random(case.m, case.n, case.layouts[2], &mut rng);
-    let (alpha, beta) = (T::from_f64(case.alpha), T::from_f64(case.beta));
-    for path in paths::<T>() {
-        check(path, alpha, &a, &b, beta, &c, eps)?;
+    let mut mats = [
+        Stored::<T>::random(case.m, case.k, case.layouts[0], &mut rng),
+        Stored::<T>::random(case.k, case.n, case.layouts[1], &mut rng),
+        Stored::<T>::random(case.m, case.n, case.layouts[2], &mut rng),
+    ];
+    for &(which, at, value) in specials {
+        let stored = &mut mats[which];
+        let slots: Vec<usize> = stored
+            .slots()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|_| i))
+            .collect();
+        let special = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][value];
+        stored.data[slots[at.index(slots.len())]] = T::from_f64(special);
     }
-    Ok(())
+    mats
+}
+
+/// Every path on one case, against one reference computed for all of them.
+fn check_case<T: Element>(
+    case: &Case,
+    specials: &[(usize, prop::sample::Index, usize)],
+    eps: f64,
+) -> Result<(), TestCaseError> {
+    let [a, b, c] = &operands::<T>(case, specials);
+    let (alpha, beta) = (T::from_f64(case.alpha), T::from_f64(case.beta));
+    let expected = Expected::new(alpha, a, b, beta, c);
+    in_pool(|| {
+        paths::<T>()
+            .into_iter()
+            .try_for_each(|path| check_against(path, alpha, a, b, beta, c, &expected, eps))
+    })
+}
+
+fn specials() -> impl Strategy<Value = Vec<(usize, prop::sample::Index, usize)>> {
+    prop::collection::vec((0usize..3, any::<prop::sample::Index>(), 0usize..3), 1..8)
+}
+
+/// Cases per property unless `PROPTEST_CASES` says otherwise. Each costs two reference
+/// products of up to 300³ multiply-adds (the expected C and the rounding bound).
+const CASES: u32 = 256;
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(CASES);
+    ProptestConfig::with_cases(cases)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(config())]
 
     #[test]
-    fn f32_matches_reference(case in case(80)) {
-        in_pool(|| check_case::<f32>(&case, f32::EPSILON as f64))?;
+    fn f32_matches_reference(case in case()) {
+        check_case::<f32>(&case, &[], f32::EPSILON as f64)?;
     }
 
     #[test]
-    fn f64_matches_reference(case in case(80)) {
-        in_pool(|| check_case::<f64>(&case, f64::EPSILON))?;
+    fn f64_matches_reference(case in case()) {
+        check_case::<f64>(&case, &[], f64::EPSILON)?;
     }
 
     /// NaN and infinities scattered through A, B and C propagate as in the reference.
     #[test]
-    fn specials_propagate_like_reference(
-        case in case(24),
-        specials in prop::collection::vec((0usize..3, any::<prop::sample::Index>(), 0usize..3), 1..6),
-    ) {
-        let mut rng = Rng(case.seed);
-        let mut mats = [
-            Stored::<f32>::random(case.m, case.k, case.layouts[0], &mut rng),
-            Stored::<f32>::random(case.k, case.n, case.layouts[1], &mut rng),
-            Stored::<f32>::random(case.m, case.n, case.layouts[2], &mut rng),
-        ];
-        for (which, at, value) in specials {
-            let stored = &mut mats[which];
-            let slots: Vec<usize> = stored.slots().iter().enumerate().filter_map(|(i, s)| s.map(|_| i)).collect();
-            stored.data[slots[at.index(slots.len())]] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][value];
-        }
-        let [a, b, c] = &mats;
-        let (alpha, beta) = (case.alpha as f32, case.beta as f32);
-        in_pool(|| {
-            paths::<f32>().into_iter().try_for_each(|path| check(path, alpha, a, b, beta, c, f32::EPSILON as f64))
-        })?;
+    fn f32_specials_propagate_like_reference(case in case(), specials in specials()) {
+        check_case::<f32>(&case, &specials, f32::EPSILON as f64)?;
+    }
+
+    #[test]
+    fn f64_specials_propagate_like_reference(case in case(), specials in specials()) {
+        check_case::<f64>(&case, &specials, f64::EPSILON)?;
     }
 }
 
@@ -353,14 +463,14 @@ fn larger_fixed_shapes() {
             beta: -0.75,
             seed: i as u64,
         };
-        in_pool(|| check_case::<f32>(&case, f32::EPSILON as f64)).unwrap();
-        in_pool(|| check_case::<f64>(&case, f64::EPSILON)).unwrap();
+        check_case::<f32>(&case, &[], f32::EPSILON as f64).unwrap();
+        check_case::<f64>(&case, &[], f64::EPSILON).unwrap();
         let overwrite = Case {
             beta: 0.0,
             layouts: [Layout::ColMajor, Layout::RowMajor, Layout::ColMajor],
             ..case
         };
-        in_pool(|| check_case::<f64>(&overwrite, f64::EPSILON)).unwrap();
+        check_case::<f64>(&overwrite, &[], f64::EPSILON).unwrap();
     }
 }
 
@@ -444,6 +554,7 @@ fn zero_sized_dimensions() {
                         Layout::Strided {
                             row_pad: 1,
                             col_step: 2,
+                            transposed: false,
                         },
                         |r, c| (r + c) as f64,
                     );
@@ -639,6 +750,10 @@ fn active_path_names_the_dispatched_kernel() {
     }
     if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
         assert_eq!(kernels::active_path(), "wasm32-simd128");
+        return;
+    }
+    if cfg!(all(target_arch = "aarch64", target_feature = "neon")) {
+        assert_eq!(kernels::active_path(), "aarch64-neon");
         return;
     }
     assert_eq!(kernels::active_path(), "portable");

@@ -7,3 +7,4 @@ mod compute;
 mod faults;
 mod page;
 mod protocol;
+mod verify;

@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use tabgrid_shared::worker::{Backoff, Command, Computed, Session};
 
+use crate::chaos::{self, Chaos, Fault};
 use crate::compute;
 use crate::{WorkerError, endpoint};
 
@@ -56,6 +57,8 @@ pub struct Worker {
     pub cache_bytes: u64,
     /// Built once: every connection computes on the same threads.
     pub pool: ThreadPool,
+    /// Fault injection for testing (`--chaos`).
+    pub chaos: Chaos,
 }
 
 /// How one connection ended.
@@ -198,10 +201,33 @@ impl Worker {
                 done = finished(&mut computing) => {
                     computing = None;
                     match done {
-                        // Fault injection (`--chaos`) belongs here: between the kernel and
-                        // the session, a result can be corrupted, delayed or dropped and
-                        // still take the same path as a real one.
-                        Ok(done) => session.computed(done),
+                        // Fault injection (`--chaos`): between the kernel and the session,
+                        // so a faulty result takes the same path as a real one.
+                        Ok(mut done) => {
+                            match self.chaos.pick(rand::random()) {
+                                Some(Fault::Wrong) => {
+                                    warn!(lease = done.lease, "chaos: sending a wrong result");
+                                    chaos::corrupt(&mut done, &mut rand::rng());
+                                }
+                                Some(Fault::Slow) => {
+                                    warn!(lease = done.lease, "chaos: holding the result back");
+                                    tokio::time::sleep(chaos::SLOW_DELAY).await;
+                                }
+                                Some(Fault::Drop) => {
+                                    warn!(lease = done.lease, "chaos: dropping the connection mid-tile");
+                                    return lost(true, "chaos: dropped the connection mid-tile");
+                                }
+                                Some(Fault::Garbage) => {
+                                    warn!(lease = done.lease, "chaos: sending garbage");
+                                    let garbage = Message::binary(vec![0xff; 32]);
+                                    if let Err(err) = socket.send(garbage).await {
+                                        return lost(true, format!("cannot send: {err}"));
+                                    }
+                                }
+                                None => {}
+                            }
+                            session.computed(done)
+                        }
                         // compute::spawn catches panics, so the sender is never dropped
                         // unsent; if it were, the lease is lost and a fresh start is safest.
                         Err(_) => return lost(true, "the compute pool lost a tile"),

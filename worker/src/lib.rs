@@ -18,6 +18,7 @@
 //! [`run`]; the `tabgrid-worker` binary is a thin CLI over [`run`] and [`bench`].
 
 mod bench;
+pub mod chaos;
 mod compute;
 mod connection;
 pub mod endpoint;
@@ -57,6 +58,8 @@ pub struct WorkerConfig {
     pub slots: u32,
     /// Free-form description sent in `Hello`.
     pub agent: String,
+    /// Fault injection for testing (`--chaos`); off by default.
+    pub chaos: chaos::Chaos,
 }
 
 impl WorkerConfig {
@@ -69,6 +72,7 @@ impl WorkerConfig {
             cache_bytes: DEFAULT_CACHE_BYTES,
             slots: DEFAULT_SLOTS,
             agent: AGENT.to_owned(),
+            chaos: chaos::Chaos::default(),
         }
     }
 }
@@ -165,7 +169,11 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         slots: config.slots,
         cache_bytes: config.cache_bytes,
         pool,
+        chaos: config.chaos,
     };
+    if !config.chaos.is_off() {
+        tracing::warn!(chaos = %config.chaos, "fault injection on: this worker misbehaves on purpose");
+    }
     connection::run(worker, shutdown).await?;
     Ok(())
 }

@@ -64,6 +64,12 @@ struct LendArgs {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SLOTS))
     )]
     slots: u32,
+
+    /// TESTING ONLY: misbehave on purpose to test a grid — that fraction of tiles sent back
+    /// wrong, held back past the deadline, lost by dropping the connection, or replaced by
+    /// garbage. Example: --chaos wrong=0.5,drop=0.1
+    #[arg(long, value_name = "wrong=P[,slow=P][,drop=P][,garbage=P]")]
+    chaos: Option<tabgrid_worker::chaos::Chaos>,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +151,7 @@ fn lend(args: LendArgs) -> anyhow::Result<()> {
     );
     config.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
     config.slots = args.slots;
+    config.chaos = args.chaos.unwrap_or_default();
     // One thread is plenty for the sockets: the kernels run on the library's own pool,
     // and a multi-threaded runtime would only add idle threads beside it.
     let runtime = tokio::runtime::Builder::new_current_thread()

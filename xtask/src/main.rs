@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one build tool for what cargo alone cannot do — the whole test
 //! suite with its binaries, the browser bundles, the CI checks, and benchmarks.
 
+mod cross;
 mod wasm;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ usage: cargo xtask <command>
   bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
   bench scheduler scheduler state machine throughput (100k tiles)
   bench browser   the kernel in headless Chromium vs natively, first tile, hidden tab, bundle sizes
+  bench kernels   our GEMM vs matrixmultiply, the gemm crate and numpy/OpenBLAS, f32 and f64,
+                  1 and 2 threads, n = 256 to 4096 (or the sizes given after it)
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,21 @@ fn main() -> anyhow::Result<()> {
                 "--example",
                 "bench_browser",
             ])
+        }
+        ["bench", "kernels", sizes @ ..] => {
+            let mut args = vec![
+                "run",
+                "--release",
+                "-p",
+                "tabgrid-shared",
+                "--features",
+                "rayon",
+                "--example",
+                "bench_kernels",
+                "--",
+            ];
+            args.extend_from_slice(sizes);
+            cargo(&args)
         }
         ["bench", "scheduler"] => {
             cargo(&["bench", "-p", "tabgrid-coordinator", "--bench", "scheduler"])
@@ -134,6 +152,7 @@ fn ci() -> anyhow::Result<()> {
         "wasm32-unknown-unknown",
     ])?;
     test_wasi()?;
+    cross::test_aarch64()?;
     test(&[])
 }
 

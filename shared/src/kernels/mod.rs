@@ -3,20 +3,29 @@
 //!
 //! The layout follows memchr's `src/arch/`. `portable` holds the one blocked algorithm
 //! (packing, cache blocking, edge tiles) generic over its register-blocked micro-kernel, and
-//! a portable micro-kernel written as plain loops; `x86_64` recompiles that driver with AVX2
-//! and FMA enabled around intrinsic micro-kernels, and is picked at runtime; `wasm32` wraps
-//! it around `simd128` micro-kernels and is picked at compile time, since wasm has no
-//! runtime feature detection (an engine without `simd128` rejects the whole module), so it
-//! exists only in builds with `-C target-feature=+simd128`; `parallel` (feature `rayon`)
-//! shares packed panels of B between threads; `reference` is the naive loop every path is
-//! tested against.
+//! a portable micro-kernel written as plain loops; it is compiled on every target, both as
+//! the fallback and so that tests can force it. Each architecture module supplies only
+//! intrinsic micro-kernels sized to its registers and runs the shared driver around them:
 //!
-//! Adding a path (AArch64 NEON, say) means one more cfg'd module beside `x86_64` and
-//! `wasm32` that implements `portable::MicroKernel` for a tile suited to its registers and
-//! calls `portable::gemm_blocked` with it, plus one more `Path` variant.
+//! - `x86_64` (AVX2 and FMA) recompiles the driver with those features enabled and is picked
+//!   at runtime, since most x86_64 targets do not assume them;
+//! - `wasm32` (`simd128`) is picked at compile time, since wasm has no runtime feature
+//!   detection (an engine without `simd128` rejects the whole module), so it exists only in
+//!   builds with `-C target-feature=+simd128`;
+//! - `aarch64` (NEON) is picked at compile time too, since NEON is part of the AArch64
+//!   baseline; only a target that turns it off (`aarch64-unknown-none-softfloat`) falls back.
+//!
+//! `parallel` (feature `rayon`) shares packed panels of B between threads; `reference` is
+//! the naive loop every path is tested against.
+//!
+//! Adding a path means one more cfg'd module beside these that implements
+//! `portable::MicroKernel` for a tile suited to its registers and calls
+//! `portable::gemm_blocked` and `portable::block` with it, plus one more `Path` variant.
 
 use core::fmt;
 
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod aarch64;
 #[cfg(feature = "rayon")]
 mod parallel;
 mod portable;
@@ -56,10 +65,10 @@ pub trait Element:
     fn to_f64(self) -> f64;
     /// `self * a + b`; for `f32` and `f64` one fused operation with a single rounding.
     ///
-    /// The kernels' inner loops do not call it: the x86_64 path issues FMA instructions
-    /// itself, and the portable path multiplies and adds separately, because where there is
-    /// no FMA instruction (wasm32, baseline x86_64) a fused `mul_add` is a slow software
-    /// routine.
+    /// The kernels' inner loops do not call it: the x86_64 and aarch64 paths issue FMA
+    /// instructions themselves, and the portable path multiplies and adds separately, because
+    /// where there is no FMA instruction (wasm32, baseline x86_64) a fused `mul_add` is a slow
+    /// software routine.
     fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
@@ -569,6 +578,8 @@ enum Path {
     Avx2Fma,
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     Simd128,
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    Neon,
 }
 
 impl Path {
@@ -579,13 +590,16 @@ impl Path {
         }
         // No runtime detection on wasm: an engine without simd128 rejects the whole module.
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        {
-            Path::Simd128
-        }
-        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-        {
-            Path::Portable
-        }
+        let compiled = Path::Simd128;
+        // NEON is baseline on AArch64, so a binary built with it runs only on CPUs that have it.
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        let compiled = Path::Neon;
+        #[cfg(not(any(
+            all(target_arch = "wasm32", target_feature = "simd128"),
+            all(target_arch = "aarch64", target_feature = "neon")
+        )))]
+        let compiled = Path::Portable;
+        compiled
     }
 
     fn name(self) -> &'static str {
@@ -595,6 +609,8 @@ impl Path {
             Path::Avx2Fma => "x86_64-avx2-fma",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => "wasm32-simd128",
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Path::Neon => "aarch64-neon",
         }
     }
 
@@ -606,6 +622,8 @@ impl Path {
             Path::Avx2Fma => x86_64::tile::<T>(),
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => wasm32::tile::<T>(),
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Path::Neon => aarch64::tile::<T>(),
         }
     }
 
@@ -624,6 +642,8 @@ impl Path {
             Path::Avx2Fma => x86_64::gemm(alpha, a, b, beta, c),
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => wasm32::gemm(alpha, a, b, beta, c),
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Path::Neon => aarch64::gemm(alpha, a, b, beta, c),
         }
     }
 
@@ -644,6 +664,8 @@ impl Path {
             Path::Avx2Fma => x86_64::block(alpha, a, b_packed, beta, c, a_buf),
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => wasm32::block(alpha, a, b_packed, beta, c, a_buf),
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Path::Neon => aarch64::block(alpha, a, b_packed, beta, c, a_buf),
         }
     }
 }
@@ -769,8 +791,8 @@ pub fn par_gemm_portable<T: Element>(
     parallel::par_gemm_with(Path::Portable, alpha, a, b, beta, c)
 }
 
-/// Name of the path [`gemm`] takes on this machine: `"x86_64-avx2-fma"`, `"wasm32-simd128"`
-/// or `"portable"`.
+/// Name of the path [`gemm`] takes on this machine: `"x86_64-avx2-fma"`, `"wasm32-simd128"`,
+/// `"aarch64-neon"` or `"portable"`.
 /// Workers report it so slow or odd results can be traced to a code path.
 pub fn active_path() -> &'static str {
     Path::detect().name()

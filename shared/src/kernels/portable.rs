@@ -136,6 +136,7 @@ pub(crate) fn pack_with_width<T: Element>(src: MatRef<'_, T>, width: usize, out:
         4 => pack::<T, 4>(src, out),
         6 => pack::<T, 6>(src, out),
         8 => pack::<T, 8>(src, out),
+        12 => pack::<T, 12>(src, out),
         16 => pack::<T, 16>(src, out),
         _ => unreachable!("no path uses a tile {width} wide"),
     }
@@ -176,7 +177,8 @@ pub(crate) trait MicroKernel<T, const MR: usize, const NR: usize>: Copy {
 /// `s` reinterpreted as `&[U]`, when `T` and `U` are the same type.
 #[cfg(any(
     target_arch = "x86_64",
-    all(target_arch = "wasm32", target_feature = "simd128")
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    all(target_arch = "aarch64", target_feature = "neon")
 ))]
 #[inline(always)]
 pub(crate) fn same_slice<T: 'static, U: 'static>(s: &[T]) -> &[U] {
@@ -188,7 +190,8 @@ pub(crate) fn same_slice<T: 'static, U: 'static>(s: &[T]) -> &[U] {
 /// `v` reinterpreted as a `U`, when `T` and `U` are the same type.
 #[cfg(any(
     target_arch = "x86_64",
-    all(target_arch = "wasm32", target_feature = "simd128")
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    all(target_arch = "aarch64", target_feature = "neon")
 ))]
 #[inline(always)]
 pub(crate) fn same_value<T: Copy + 'static, U: Copy + 'static>(v: T) -> U {

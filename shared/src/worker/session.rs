@@ -622,6 +622,7 @@ mod tests {
         let mut f = fixture();
         let task = started(f.session.handle(f.assign(8)));
         let replies = sends(f.session.computed(Computed {
+            dtype: Dtype::F64,
             lease: task.lease,
             outcome: Err("out of memory".into()),
             compute_micros: 0,

@@ -5,6 +5,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use crate::Dtype;
 use crate::kernels::{Element, MatMut, MatRef};
 use crate::matrix::{f32_bytes, f64_bytes};
 use crate::protocol::LeaseId;
@@ -37,6 +38,8 @@ impl Task {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Computed {
     pub lease: LeaseId,
+    /// The job's element type, which the payload holds.
+    pub dtype: Dtype,
     /// The tile as little-endian bytes of the job's dtype, or why it could not be computed.
     pub outcome: Result<Vec<u8>, String>,
     /// Time inside the kernel only, for the coordinator's speed estimate.
@@ -57,6 +60,7 @@ pub fn compute(task: &Task, now_ms: &dyn Fn() -> f64) -> Computed {
     };
     Computed {
         lease: task.lease,
+        dtype: task.a.dtype(),
         outcome,
         compute_micros,
     }

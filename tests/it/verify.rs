@@ -1,0 +1,121 @@
+//! Untrusted workers: every tile is checked (Freivalds) before it is accepted, so a worker
+//! that sends wrong results never gets one into an answer, is dropped after a few, and its
+//! subject is refused for a while; honest workers finish the job.
+
+use tabgrid_shared::claims::Role;
+use tabgrid_tests::*;
+
+use crate::compute::{Case, run_case};
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_cheater_beside_an_honest_worker_is_caught_and_every_answer_is_right() {
+    // Small tiles: many results, so the cheater soon reaches the strike limit.
+    let c = Coordinator::start(&["--tile-edge", "32"]).await;
+    let cheater = Worker::start_with(
+        &c.url,
+        &token("mallory", Role::Volunteer),
+        1,
+        &["--chaos", "wrong=0.5"],
+    );
+    let _honest = c.worker("honest", 1);
+    c.wait_workers_connected(2).await;
+    let t = token("ada", Role::Submitter);
+    let cases = [
+        Case {
+            f32: true,
+            ..Case::new(200, 300, 150)
+        },
+        Case {
+            alpha: -1.5,
+            beta: 0.5,
+            with_c: true,
+            ..Case::new(97, 61, 131)
+        },
+        Case {
+            f32: true,
+            npy: true,
+            with_c: true,
+            beta: 2.0,
+            ..Case::new(160, 45, 250)
+        },
+        Case::new(128, 400, 96),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        run_case(&c, &t, case, 300 + i as u64).await;
+    }
+    cheater.wait_log("chaos: sending a wrong result", 3).await;
+    c.wait_log("refused for", 1).await;
+    let metrics = c.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "tabgrid_results_refused_total{reason=\"verification\"}"
+        ) >= 3.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "tabgrid_workers_banned_total") >= 1.0,
+        "{metrics}"
+    );
+    // A corrupted result is told apart from a wrong one: none of these came garbled.
+    assert_eq!(
+        metric(
+            &metrics,
+            "tabgrid_results_refused_total{reason=\"checksum\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn only_a_cheater_never_finishes_a_job_and_an_honest_worker_does() {
+    let c = Coordinator::start(&["--tile-edge", "32"]).await;
+    let cheater = Worker::start_with(
+        &c.url,
+        &token("mallory", Role::Volunteer),
+        1,
+        &["--chaos", "wrong=1"],
+    );
+    c.wait_workers_connected(1).await;
+    let t = token("ada", Role::Submitter);
+    let (m, k, n) = (96, 50, 64);
+    let a = random_matrix(m, k, 1);
+    let b = random_matrix(k, n, 2);
+    let body = serde_json::json!({
+        "op": "gemm", "dtype": "f64",
+        "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
+    });
+    let (status, reply) = c.post_json("/jobs", &t, &body).await;
+    assert_eq!(status, 201, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+
+    // Three wrong results: dropped with a policy close, which the worker takes as final.
+    c.wait_log("refused for", 1).await;
+    cheater.wait_log("refused", 1).await;
+    // Its subject stays out for the cooldown, whatever process it comes back with.
+    let _again = Worker::start(&c.url, &token("mallory", Role::Volunteer), 1);
+    c.wait_log("refused a banned subject", 1).await;
+    let job = c.get_json(&format!("/jobs/{id}"), &t).await;
+    assert_ne!(job["state"], "done", "{job}");
+    assert_eq!(job["tiles_done"], 0, "{job}");
+
+    let _honest = c.worker("honest", 1);
+    let last = c.wait_job(&id, &t).await;
+    assert_eq!(last["state"], "done", "{last}");
+    let got = c.result_values(&id, &t).await;
+    assert_close(
+        &got,
+        &reference((m, k, n), 1.0, &a, &b, 0.0, None),
+        k,
+        false,
+    );
+}
