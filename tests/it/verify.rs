@@ -119,3 +119,107 @@ async fn only_a_cheater_never_finishes_a_job_and_an_honest_worker_does() {
         false,
     );
 }
+
+#[tokio::test]
+async fn honest_tabs_and_native_workers_are_never_refused() {
+    use tabgrid_tests::browser::Browser;
+    // Small tiles: hundreds of checks of two kernels' summation orders (simd128 in the
+    // tab, AVX2+FMA natively), in f32, where rounding is largest.
+    let c = Coordinator::start(&["--tile-edge", "24"]).await;
+    let _native = c.worker("native", 1);
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
+    page.wait_for(
+        "tabgrid.state?.phase === 'connected' && tabgrid.state.workerId",
+        "the tab to join",
+    )
+    .await;
+    c.wait_workers_connected(2).await;
+    let t = token("ada", Role::Submitter);
+    for (i, case) in [
+        Case {
+            f32: true,
+            npy: true,
+            ..Case::new(480, 700, 480)
+        },
+        Case {
+            f32: true,
+            alpha: 3.0,
+            beta: -2.0,
+            with_c: true,
+            ..Case::new(240, 2000, 240)
+        },
+    ]
+    .iter()
+    .enumerate()
+    {
+        run_case(&c, &t, case, 900 + i as u64).await;
+    }
+    let tab_tiles = page.eval("tabgrid.state.tiles").await.as_u64().unwrap();
+    assert!(tab_tiles > 0, "the tab computed nothing");
+    let metrics = c.metrics().await;
+    let accepted = metric(&metrics, "tabgrid_tiles_accepted_total");
+    assert!(accepted >= 500.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "tabgrid_results_refused_total{reason=\"verification\"}"
+        ),
+        0.0,
+        "{metrics}"
+    );
+    page.assert_no_errors().await;
+}
+
+#[tokio::test]
+async fn late_dropped_and_garbled_results_cost_only_retries() {
+    // Short leases, so that held-back results expire.
+    let c = Coordinator::start(&["--tile-edge", "32", "--lease-floor-ms", "300"]).await;
+    let _slow = Worker::start_with(
+        &c.url,
+        &token("slow", Role::Volunteer),
+        1,
+        &["--chaos", "slow=0.5"],
+    );
+    let _dropper = Worker::start_with(
+        &c.url,
+        &token("dropper", Role::Volunteer),
+        1,
+        &["--chaos", "drop=0.3"],
+    );
+    let garbler = Worker::start_with(
+        &c.url,
+        &token("garbler", Role::Volunteer),
+        1,
+        &["--chaos", "garbage=0.3"],
+    );
+    c.wait_workers_connected(3).await;
+    let t = token("ada", Role::Submitter);
+    for (i, case) in [
+        Case::new(200, 64, 200),
+        Case {
+            f32: true,
+            with_c: true,
+            beta: 1.0,
+            ..Case::new(150, 90, 170)
+        },
+    ]
+    .iter()
+    .enumerate()
+    {
+        run_case(&c, &t, case, 700 + i as u64).await;
+    }
+    garbler.wait_log("chaos: sending garbage", 1).await;
+    let metrics = c.metrics().await;
+    assert!(
+        metric(&metrics, "tabgrid_protocol_violations_total") >= 1.0,
+        "{metrics}"
+    );
+    let reassigned: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tabgrid_tiles_reassigned_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(reassigned >= 1.0, "{metrics}");
+    assert!(c.get("/healthz", "").await.status().is_success());
+}
