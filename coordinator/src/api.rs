@@ -91,6 +91,35 @@ impl MatrixJson {
     }
 }
 
+/// A JSON submission's spec and matrices.
+fn json_parts(body: &[u8]) -> Result<(JobSpec, Matrix, Matrix, Option<Matrix>), ApiError> {
+    let mut spec = parse_spec(body, "body")?;
+    let dtype = Dtype::parse(&spec.dtype).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let a = spec
+        .a
+        .take()
+        .ok_or_else(|| ApiError::bad_request("matrix `a` is missing"))?
+        .into_matrix("a", dtype)?;
+    let b = spec
+        .b
+        .take()
+        .ok_or_else(|| ApiError::bad_request("matrix `b` is missing"))?
+        .into_matrix("b", dtype)?;
+    let c = spec
+        .c
+        .take()
+        .map(|c| c.into_matrix("c", dtype))
+        .transpose()?;
+    Ok((spec, a, b, c))
+}
+
+/// Everything a JSON body goes through before it becomes a job (for the fuzz tests).
+#[cfg(test)]
+pub(crate) fn parse_json_job(body: &[u8], tile_edge: u32) -> Result<NewJob, ApiError> {
+    let (spec, a, b, c) = json_parts(body)?;
+    validate("fuzz".to_owned(), spec, a, b, c, tile_edge)
+}
+
 fn parse_spec(bytes: &[u8], what: &str) -> Result<JobSpec, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("{what} is not valid job JSON: {e}")))
@@ -119,24 +148,7 @@ pub async fn submit(
         let body = Bytes::from_request(request, &state)
             .await
             .map_err(|e: BytesRejection| body_error(e))?;
-        let mut spec = parse_spec(&body, "body")?;
-        let dtype = Dtype::parse(&spec.dtype).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let a = spec
-            .a
-            .take()
-            .ok_or_else(|| ApiError::bad_request("matrix `a` is missing"))?
-            .into_matrix("a", dtype)?;
-        let b = spec
-            .b
-            .take()
-            .ok_or_else(|| ApiError::bad_request("matrix `b` is missing"))?
-            .into_matrix("b", dtype)?;
-        let c = spec
-            .c
-            .take()
-            .map(|c| c.into_matrix("c", dtype))
-            .transpose()?;
-        (spec, a, b, c)
+        json_parts(&body)?
     } else {
         return Err(ApiError::bad_request(format!(
             "unsupported content type {content_type:?}: send application/json or multipart/form-data"

@@ -23,6 +23,9 @@ pub mod verify;
 pub mod volunteers;
 pub mod www;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::sync::Arc;
 
 pub use server::{AppState, ServeConfig, app, run};
