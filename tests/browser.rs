@@ -321,6 +321,17 @@ impl Page<'_> {
         }
     }
 
+    /// Waits until the volunteer page says it is connected; returns its worker id.
+    pub async fn joined(&self) -> u64 {
+        let id = self
+            .wait_for(
+                "tabgrid.state?.phase === 'connected' && tabgrid.state.workerId",
+                "the tab to join the grid",
+            )
+            .await;
+        id.as_u64().expect("worker id")
+    }
+
     /// Uncaught exceptions and console errors in this tab so far, plus the errors the page
     /// itself recorded (`tabgrid.errors`, which includes its worker's).
     pub fn errors(&self) -> Vec<String> {

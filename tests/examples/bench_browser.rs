@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde_json::json;
 use tabgrid_shared::claims::Role;
 use tabgrid_shared::kernels::{Element, MatMut, MatRef, par_gemm};
-use tabgrid_tests::browser::{Browser, Page};
+use tabgrid_tests::browser::Browser;
 use tabgrid_tests::*;
 
 const ROUNDS: usize = 3;
@@ -55,14 +55,6 @@ fn page_url(c: &Coordinator, threads: usize) -> String {
     format!("{}/?threads={threads}#token={volunteer}", c.url)
 }
 
-async fn joined(page: &Page<'_>) {
-    page.wait_for(
-        "tabgrid.state?.phase === 'connected' && tabgrid.state.workerId",
-        "the tab to join",
-    )
-    .await;
-}
-
 async fn kernels(c: &Coordinator, browser: &Browser) {
     println!(
         "\n## Kernel in a tab vs natively (median GFLOP/s of {REPS} products, {ROUNDS} rounds)\n"
@@ -71,7 +63,7 @@ async fn kernels(c: &Coordinator, browser: &Browser) {
     println!("|---|---|---|---|---|---|");
     for threads in [1usize, 2] {
         let page = browser.open(&page_url(c, threads), false).await;
-        joined(&page).await;
+        page.joined().await;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -149,7 +141,7 @@ async fn hidden_vs_visible(c: &Coordinator, browser: &Browser, bearer: &str) {
         let mut pair = [0.0; 2];
         for (slot, background) in [(0, false), (1, true)] {
             let page = browser.open(&page_url(c, 2), background).await;
-            joined(&page).await;
+            page.joined().await;
             // A tab in front of it is what hides a background tab.
             let cover = match background {
                 true => Some(browser.open("about:blank", false).await),

@@ -4,21 +4,10 @@
 
 use serde_json::Value;
 use tabgrid_shared::claims::Role;
-use tabgrid_tests::browser::{Browser, Page};
+use tabgrid_tests::browser::Browser;
 use tabgrid_tests::*;
 
 use crate::compute::{Case, run_case};
-
-/// Waits until the tab says it is connected and returns its worker id.
-async fn joined(page: &Page<'_>) -> u64 {
-    let id = page
-        .wait_for(
-            "tabgrid.state?.phase === 'connected' && tabgrid.state.workerId",
-            "the tab to join the grid",
-        )
-        .await;
-    id.as_u64().expect("worker id")
-}
 
 async fn workers(c: &Coordinator) -> Vec<Value> {
     let admin = token("root", Role::Admin);
@@ -31,7 +20,7 @@ async fn one_tab_computes_jobs_on_threads() {
     let c = Coordinator::start(&[]).await;
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
-    joined(&page).await;
+    page.joined().await;
     assert_eq!(page.eval("self.crossOriginIsolated").await, true);
     assert_eq!(page.eval("tabgrid.bundle.name").await, "threaded");
 
@@ -76,7 +65,7 @@ async fn a_tab_and_a_native_worker_share_one_job() {
     let _native = c.worker("native", 1);
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
-    joined(&page).await;
+    page.joined().await;
     c.wait_workers_connected(2).await;
 
     // 64 tiles of 256x256 with k = 1024: enough work that the faster native worker
@@ -121,8 +110,8 @@ async fn a_tab_closed_mid_job_gives_its_leases_back_at_once() {
     let staying = browser
         .open(&format!("{}/?threads=1&duty=2", c.url), false)
         .await;
-    let leaving_id = joined(&leaving).await;
-    joined(&staying).await;
+    let leaving_id = leaving.joined().await;
+    staying.joined().await;
 
     let t = token("ada", Role::Submitter);
     let (m, k, n) = (2048, 200, 2048);
@@ -179,7 +168,7 @@ async fn pause_returns_leases_and_resume_rejoins() {
     let c = Coordinator::start(&[]).await;
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
-    joined(&page).await;
+    page.joined().await;
     page.eval("document.getElementById('pause').click()").await;
     page.wait_for("tabgrid.state.phase === 'paused'", "the tab to pause")
         .await;
@@ -191,7 +180,7 @@ async fn pause_returns_leases_and_resume_rejoins() {
         "Paused"
     );
     page.eval("document.getElementById('pause').click()").await;
-    joined(&page).await;
+    page.joined().await;
     let t = token("ada", Role::Submitter);
     run_case(&c, &t, &Case::new(40, 30, 20), 3).await;
     page.assert_no_errors().await;
@@ -202,7 +191,7 @@ async fn a_page_without_isolation_computes_on_one_thread() {
     let c = Coordinator::start(&["--isolation", "off"]).await;
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
-    joined(&page).await;
+    page.joined().await;
     assert_eq!(page.eval("self.crossOriginIsolated").await, false);
     assert_eq!(page.eval("tabgrid.bundle.name").await, "single");
     let notice = page
@@ -252,7 +241,7 @@ async fn the_page_works_over_https_with_a_self_signed_certificate() {
 
     let browser = Browser::launch(&["--ignore-certificate-errors"]).await;
     let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
-    joined(&page).await;
+    page.joined().await;
     assert_eq!(page.eval("location.protocol").await, "https:");
     assert_eq!(page.eval("self.crossOriginIsolated").await, true);
     assert_eq!(page.eval("tabgrid.bundle.name").await, "threaded");
@@ -317,7 +306,7 @@ async fn token_mode_needs_the_operators_link() {
     let invited = browser
         .open(&format!("{}/?threads=1#token={volunteer}", c.url), false)
         .await;
-    joined(&invited).await;
+    invited.joined().await;
     assert_eq!(workers(&c).await[0]["subject"], "lab-tab");
     invited.assert_no_errors().await;
 }
@@ -329,7 +318,7 @@ async fn a_hidden_tab_keeps_computing() {
     let page = browser.open(&format!("{}/?threads=2", c.url), true).await;
     // A tab in front of it is what hides a background tab.
     let _cover = browser.open("about:blank", false).await;
-    joined(&page).await;
+    page.joined().await;
     assert_eq!(page.eval("document.visibilityState").await, "hidden");
     let t = token("ada", Role::Submitter);
     run_case(
@@ -352,12 +341,12 @@ async fn a_tab_rejoins_a_restarted_coordinator_by_itself() {
     let c = Coordinator::start(&[]).await;
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
-    joined(&page).await;
+    page.joined().await;
     // SIGKILL, then a new process on the same address: only the tab's own retry can
     // bring it back.
     let c = c.restart().await;
     c.wait_workers_connected(1).await;
-    joined(&page).await;
+    page.joined().await;
     assert_eq!(workers(&c).await.len(), 1);
     let t = token("ada", Role::Submitter);
     run_case(&c, &t, &Case::new(64, 64, 64), 5).await;

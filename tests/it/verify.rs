@@ -129,11 +129,7 @@ async fn honest_tabs_and_native_workers_are_never_refused() {
     let _native = c.worker("native", 1);
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
-    page.wait_for(
-        "tabgrid.state?.phase === 'connected' && tabgrid.state.workerId",
-        "the tab to join",
-    )
-    .await;
+    page.joined().await;
     c.wait_workers_connected(2).await;
     let t = token("ada", Role::Submitter);
     for (i, case) in [
