@@ -38,10 +38,11 @@ pub use wasm_bindgen_rayon::init_thread_pool;
 const CACHE_BYTES: u64 = 256 << 20;
 /// Tiles in flight: one computing, one arriving.
 const SLOTS: u32 = 2;
-/// WebSocket close codes (RFC 6455) this client sends or interprets.
+/// WebSocket close codes this client sends or interprets. A page may only send 1000 or
+/// 3000-4999 (`WebSocket.close` throws on anything else), so a protocol error found here
+/// goes out as 4002, the application-range twin of RFC 6455's 1002.
 const NORMAL: u16 = 1000;
-const GOING_AWAY: u16 = 1001;
-const PROTOCOL_ERROR: u16 = 1002;
+const PROTOCOL_ERROR: u16 = 4002;
 const POLICY: u16 = 1008;
 /// Tiles the "current GFLOP/s" figure averages over.
 const SPEED_WINDOW: usize = 8;
@@ -262,7 +263,7 @@ impl Volunteer {
         leave(
             &self.inner,
             Phase::Stopped,
-            GOING_AWAY,
+            NORMAL,
             "the volunteer closed the tab",
         );
     }

@@ -380,3 +380,37 @@ async fn a_page_without_bundles_says_what_to_build() {
         "Cannot join the grid"
     );
 }
+
+#[tokio::test]
+async fn choosing_another_thread_count_restarts_the_tab_cleanly() {
+    let c = Coordinator::start(&[]).await;
+    let browser = Browser::launch(&[]).await;
+    let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
+    page.joined().await;
+    page.eval(
+        "const select = document.getElementById('threads'); select.value = '1'; \
+         select.dispatchEvent(new Event('change'))",
+    )
+    .await;
+    // The old pool's socket closes before the new one opens.
+    c.wait_log("worker disconnected", 1).await;
+    c.wait_workers_connected(2).await;
+    page.wait_for(
+        "tabgrid.state?.threads === 1 && tabgrid.state.phase === 'connected'",
+        "the new pool",
+    )
+    .await;
+    let listed = workers(&c).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["threads"], 1);
+    assert!(
+        page.eval("location.search")
+            .await
+            .as_str()
+            .unwrap()
+            .contains("threads=1")
+    );
+    let t = token("ada", Role::Submitter);
+    run_case(&c, &t, &Case::new(33, 44, 55), 77).await;
+    page.assert_no_errors().await;
+}
