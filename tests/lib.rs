@@ -291,6 +291,16 @@ pub async fn status_and_json(request: reqwest::RequestBuilder) -> (StatusCode, V
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The value of the first sample of `name` in Prometheus text (0 when absent).
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The numbers of a JSON array (a result's `data`).
 pub fn values(array: &Value) -> Vec<f64> {
     array
@@ -323,6 +333,12 @@ impl Coordinator {
     /// Starts a coordinator on a free port with a fresh data dir.
     pub async fn start(extra: &[&str]) -> Coordinator {
         let data_dir = tempfile::tempdir().unwrap();
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Coordinator::spawn("127.0.0.1:0", data_dir, args).await
+    }
+
+    /// Starts a coordinator on a free port on an existing data dir (a restored backup).
+    pub async fn start_in(data_dir: tempfile::TempDir, extra: &[&str]) -> Coordinator {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Coordinator::spawn("127.0.0.1:0", data_dir, args).await
     }
@@ -376,6 +392,11 @@ impl Coordinator {
         let data_dir = std::mem::replace(&mut this.data_dir, data_dir);
         drop(this);
         Coordinator::spawn(&addr, data_dir, args).await
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits until `count` workers have connected since this coordinator started.

@@ -2,7 +2,9 @@
 //! `.npy`, computed by one in-process native worker over loopback WebSocket, result
 //! downloaded as `.npy` — as a ratio to the same kernel computing the same product in one
 //! process with the same threads. Then the per-tile overhead: a job of many tiny tiles,
-//! in tiles per second.
+//! in tiles per second. Both on the in-memory store and on the SQLite store (in a temp
+//! dir), runs interleaved, as ratios SQLite/in-memory; then submissions per second on each
+//! store, and the time a restart takes to resume a job of 10 000 tiles.
 //!
 //! Options: `--size N` (2048), `--threads T` (2), `--runs R` (5), `--edge E` (the tile
 //! policy's), `--tiny-edge E` (8).
@@ -13,8 +15,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tabgrid_coordinator::auth::Secret;
+use tabgrid_coordinator::grid::Grid as LiveGrid;
+use tabgrid_coordinator::metrics::Metrics;
 use tabgrid_coordinator::scheduler::SchedulerConfig;
-use tabgrid_coordinator::store::MemoryStore;
+use tabgrid_coordinator::store::sqlite::{SqliteOptions, SqliteStore};
+use tabgrid_coordinator::store::{JobOperands, JobRecord, JobState, MemoryStore, Store, TileWrite};
 use tabgrid_coordinator::{Coordinator, ServeConfig};
 use tabgrid_shared::claims::Role;
 use tabgrid_shared::kernels::{MatMut, MatRef, par_gemm};
@@ -61,19 +66,32 @@ struct Grid {
     http: reqwest::Client,
 }
 
-/// A coordinator and one worker with `threads` threads, in this process.
-async fn start_grid(threads: usize, tile_edge: u32, slots: u32) -> Grid {
+/// The stores compared.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Memory,
+    Sqlite,
+}
+
+/// A store of `kind` (SQLite in a temp dir that lives as long as the process).
+fn store(kind: Kind) -> Arc<dyn Store> {
+    match kind {
+        Kind::Memory => Arc::new(MemoryStore::new()),
+        Kind::Sqlite => {
+            let dir = tempfile::tempdir().unwrap().keep();
+            Arc::new(SqliteStore::open(&dir, SqliteOptions::default()).unwrap())
+        }
+    }
+}
+
+/// A coordinator on `store` and one worker with `threads` threads, in this process.
+async fn start_grid(store: Arc<dyn Store>, threads: usize, tile_edge: u32, slots: u32) -> Grid {
     let secret = Secret::generate();
     let config = ServeConfig {
         tile_edge,
         ..ServeConfig::default()
     };
-    let coordinator = Coordinator::new(
-        Arc::new(MemoryStore::new()),
-        &secret,
-        config,
-        SchedulerConfig::default(),
-    );
+    let coordinator = Coordinator::new(store, &secret, config, SchedulerConfig::default());
     let keys = coordinator.state.keys.clone();
     let grid = coordinator.state.grid.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -95,9 +113,8 @@ async fn start_grid(threads: usize, tile_edge: u32, slots: u32) -> Grid {
 }
 
 impl Grid {
-    /// Submit → wait (SSE) → download; returns seconds and the result bytes.
-    async fn run(&self, a: &[u8], b: &[u8]) -> (f64, Vec<u8>, u64) {
-        let start = Instant::now();
+    /// Submits a job and returns its id, without waiting for it.
+    async fn submit(&self, a: &[u8], b: &[u8]) -> Value {
         let form = reqwest::multipart::Form::new()
             .part(
                 "spec",
@@ -105,8 +122,7 @@ impl Grid {
             )
             .part("a", reqwest::multipart::Part::bytes(a.to_vec()))
             .part("b", reqwest::multipart::Part::bytes(b.to_vec()));
-        let reply: Value = self
-            .http
+        self.http
             .post(format!("{}/api/v1/jobs", self.url))
             .bearer_auth(&self.token)
             .multipart(form)
@@ -115,7 +131,13 @@ impl Grid {
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Submit → wait (SSE) → download; returns seconds and the result bytes.
+    async fn run(&self, a: &[u8], b: &[u8]) -> (f64, Vec<u8>, u64) {
+        let start = Instant::now();
+        let reply = self.submit(a, b).await;
         let id = reply["id"].as_str().expect("job id").to_owned();
         let submitted = start.elapsed().as_secs_f64();
         let tiles = reply["tiles_total"].as_u64().unwrap();
@@ -206,72 +228,217 @@ async fn main() {
         start.elapsed().as_secs_f64()
     };
 
-    let grid = start_grid(threads, edge, tabgrid_worker::DEFAULT_SLOTS).await;
+    let kinds = [Kind::Memory, Kind::Sqlite];
+    let mut grids = Vec::new();
+    for kind in kinds {
+        grids.push(start_grid(store(kind), threads, edge, tabgrid_worker::DEFAULT_SLOTS).await);
+    }
     let mut reference = vec![0f32; n * n];
     local(&mut reference);
-    let (_, warm, _) = grid.run(&a_npy, &b_npy).await;
-    let ((rows, cols), got) = {
-        use ndarray_npy::ReadNpyExt;
-        let array = ndarray::Array2::<f32>::read_npy(&warm[..]).unwrap();
-        (array.dim(), array.iter().copied().collect::<Vec<f32>>())
-    };
-    assert_eq!((rows, cols), (n, n));
-    let worst = got
-        .iter()
-        .zip(&reference)
-        .map(|(g, r)| (g - r).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst < 1e-3,
-        "grid result differs from the local product by {worst}"
-    );
+    for grid in &grids {
+        let (_, warm, _) = grid.run(&a_npy, &b_npy).await;
+        let ((rows, cols), got) = {
+            use ndarray_npy::ReadNpyExt;
+            let array = ndarray::Array2::<f32>::read_npy(&warm[..]).unwrap();
+            (array.dim(), array.iter().copied().collect::<Vec<f32>>())
+        };
+        assert_eq!((rows, cols), (n, n));
+        let worst = got
+            .iter()
+            .zip(&reference)
+            .map(|(g, r)| (g - r).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-3,
+            "grid result differs from the local product by {worst}"
+        );
+    }
 
-    let (mut local_s, mut grid_s, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut local_s = Vec::new();
+    let mut grid_s = vec![Vec::new(); kinds.len()];
+    let mut ratios = vec![Vec::new(); kinds.len()];
+    let mut store_ratios = Vec::new();
     let mut tiles = 0;
     for _ in 0..runs {
         let l = local(&mut reference);
-        let (g, _, t) = grid.run(&a_npy, &b_npy).await;
-        tiles = t;
-        ratios.push(l / g);
         local_s.push(l);
-        grid_s.push(g);
+        let mut times = Vec::new();
+        for (i, grid) in grids.iter().enumerate() {
+            let (g, _, t) = grid.run(&a_npy, &b_npy).await;
+            tiles = t;
+            ratios[i].push(l / g);
+            grid_s[i].push(g);
+            times.push(g);
+        }
+        store_ratios.push(times[0] / times[1]);
     }
     let gflops = |s: f64| 2.0 * (n as f64).powi(3) / s / 1e9;
     println!("\nf32 {n}x{n}x{n}, {threads} threads, {tiles} tiles, median of {runs}");
     println!(
-        "  one process (same kernel): {:.3} s  {:.1} GFLOP/s",
+        "  one process (same kernel):   {:.3} s  {:.1} GFLOP/s",
         median(local_s.clone()),
         gflops(median(local_s))
     );
+    for (i, kind) in kinds.iter().enumerate() {
+        let s = median(grid_s[i].clone());
+        println!(
+            "  grid end to end, {:<7} {s:.3} s  {:.1} GFLOP/s  ratio to one process {:.2}",
+            format!("{kind:?}:"),
+            gflops(s),
+            median(ratios[i].clone())
+        );
+    }
     println!(
-        "  grid end to end:           {:.3} s  {:.1} GFLOP/s",
-        median(grid_s.clone()),
-        gflops(median(grid_s))
-    );
-    println!(
-        "  ratio grid/one-process:    {:.2}  (median of per-run ratios)",
-        median(ratios)
+        "  SQLite/in-memory (job throughput): {:.2}",
+        median(store_ratios)
     );
 
-    // Per-tile overhead: many tiny tiles over loopback WebSocket.
+    // Per-tile overhead: many tiny tiles over loopback WebSocket, each tile accepted
+    // through the store.
     let slots = tabgrid_shared::protocol::MAX_SLOTS;
-    let grid = start_grid(threads, tiny as u32, slots).await;
     let m = 1024;
     let k = 8;
     let (ta, tb) = (npy(m, k, &random(m * k, 3)), npy(k, m, &random(k * m, 4)));
-    let mut rates = Vec::new();
+    let mut grids = Vec::new();
+    for kind in kinds {
+        grids.push(start_grid(store(kind), threads, tiny as u32, slots).await);
+    }
+    let mut rates = vec![Vec::new(); kinds.len()];
     let mut tiles = 0;
     for _ in 0..runs {
-        let (s, _, t) = grid.run(&ta, &tb).await;
-        tiles = t;
-        rates.push(t as f64 / s);
+        for (i, grid) in grids.iter().enumerate() {
+            let (s, _, t) = grid.run(&ta, &tb).await;
+            tiles = t;
+            rates[i].push(t as f64 / s);
+        }
     }
-    let rate = median(rates);
     println!(
         "\ntiny tiles: {m}x{k}x{m} f32 cut into {tiles} tiles of {tiny}x{tiny}, one worker with {slots} slots, median of {runs}"
     );
+    let memory_rate = median(rates[0].clone());
+    for (i, kind) in kinds.iter().enumerate() {
+        let rate = median(rates[i].clone());
+        println!(
+            "  {:<7} {rate:.0} tiles accepted/s end to end ({:.0}x Dask's ~500 tasks/s; {:.2}x in-memory)",
+            format!("{kind:?}:"),
+            rate / 500.0,
+            rate / memory_rate
+        );
+    }
+
+    // Submissions per second: 64×64 jobs, 8 at a time, nobody computing them.
+    let (sa, sb) = (
+        npy(64, 64, &random(64 * 64, 5)),
+        npy(64, 64, &random(64 * 64, 6)),
+    );
+    let count = 400;
+    let mut per_second = Vec::new();
+    for kind in kinds {
+        let grid = Arc::new(start_grid(store(kind), 1, 64, 1).await);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for lane in 0..8 {
+            let (grid, sa, sb) = (grid.clone(), sa.clone(), sb.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in (lane..count).step_by(8) {
+                    let reply = grid.submit(&sa, &sb).await;
+                    assert!(reply["id"].is_string(), "{reply}");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        per_second.push(count as f64 / start.elapsed().as_secs_f64());
+    }
+    println!("\nsubmissions: {count} jobs of 64x64x64 f32 as .npy, 8 at a time");
+    for (i, kind) in kinds.iter().enumerate() {
+        println!(
+            "  {:<7} {:.0} jobs/s ({:.2}x in-memory)",
+            format!("{kind:?}:"),
+            per_second[i],
+            per_second[i] / per_second[0]
+        );
+    }
+
+    resume_time();
+}
+
+/// A restart resuming a job of 10 000 tiles with half of them accepted: the store is
+/// opened, the job read back with its operands and tiles checked, and the grid takes it.
+fn resume_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (edge, side) = (16u32, 1600u32);
+    let k = 64;
+    let id = uuid::Uuid::new_v4().to_string();
+    let tiles_per_side = side / edge;
+    {
+        let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+        let record = JobRecord {
+            id: id.clone(),
+            owner: "bench".into(),
+            name: None,
+            dtype: tabgrid_shared::Dtype::F32,
+            m: side,
+            n: side,
+            k,
+            tile_m: edge,
+            tile_n: edge,
+            alpha: 1.0,
+            beta: 0.0,
+            priority: 0,
+            state: JobState::Running,
+            tiles_done: 0,
+            tiles_total: u64::from(tiles_per_side * tiles_per_side),
+            created_at: std::time::SystemTime::now(),
+            finished_at: None,
+            error: None,
+        };
+        let matrix = |rows: u32, cols: u32, seed| {
+            let values = random((rows * cols) as usize, seed);
+            Arc::new(
+                tabgrid_shared::Matrix::from_f32(rows as usize, cols as usize, &values).unwrap(),
+            )
+        };
+        let operands = JobOperands {
+            a: matrix(side, k, 7),
+            b: matrix(k, side, 8),
+            c: None,
+        };
+        store.insert_job(&record, &operands).unwrap();
+        let payload = vec![1u8; (edge * edge * 4) as usize];
+        for i in 0..tiles_per_side {
+            for j in (0..tiles_per_side).step_by(2) {
+                store
+                    .tile_accepted(TileWrite {
+                        job: id.clone(),
+                        tile: (i, j),
+                        row: (i * edge) as usize,
+                        col: (j * edge) as usize,
+                        rows: edge as usize,
+                        cols: edge as usize,
+                        width: side as usize,
+                        payload: payload.clone(),
+                    })
+                    .unwrap();
+            }
+        }
+        store.flush().unwrap();
+    }
+    let mut times = Vec::new();
+    let mut kept = 0;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+        let grid = LiveGrid::new(store, Metrics::new(), SchedulerConfig::default());
+        let (jobs, tiles) = grid.resume().unwrap();
+        times.push(start.elapsed().as_secs_f64());
+        assert_eq!(jobs, 1);
+        kept = tiles;
+    }
     println!(
-        "  {rate:.0} tiles/s end to end over loopback WebSocket ({:.0}x Dask's ~500 tasks/s)",
-        rate / 500.0
+        "\nrestart: resuming a job of {} tiles ({kept} kept) takes {:.3} s (median of 5)",
+        tiles_per_side * tiles_per_side,
+        median(times)
     );
 }

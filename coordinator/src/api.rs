@@ -24,7 +24,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, body_error};
 use crate::grid::{NewJob, PreparedJob, Progress};
 use crate::npy;
-use crate::server::AppState;
+use crate::server::{AppState, ServeConfig};
 use crate::store::{JobOperands, JobRecord, JobState};
 
 /// Media type of NumPy `.npy` bodies.
@@ -117,7 +117,11 @@ fn json_parts(body: &[u8]) -> Result<(JobSpec, Matrix, Matrix, Option<Matrix>), 
 #[cfg(test)]
 pub(crate) fn parse_json_job(body: &[u8], tile_edge: u32) -> Result<NewJob, ApiError> {
     let (spec, a, b, c) = json_parts(body)?;
-    validate("fuzz".to_owned(), spec, a, b, c, tile_edge)
+    let config = ServeConfig {
+        tile_edge,
+        ..ServeConfig::default()
+    };
+    validate("fuzz".to_owned(), spec, a, b, c, &config)
 }
 
 fn parse_spec(bytes: &[u8], what: &str) -> Result<JobSpec, ApiError> {
@@ -154,14 +158,15 @@ pub async fn submit(
             "unsupported content type {content_type:?}: send application/json or multipart/form-data"
         )));
     };
-    let job = validate(caller.0.sub.clone(), spec, a, b, c, state.config.tile_edge)?;
+    let job = validate(caller.0.sub.clone(), spec, a, b, c, &state.config)?;
     let prepared = tokio::task::spawn_blocking(move || PreparedJob::new(job))
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("preparing job: {e}")))?;
-    let record = state
-        .grid
-        .submit(prepared)
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    let grid = state.grid.clone();
+    // Durable stores write the operands to disk before answering: off the runtime.
+    let record = tokio::task::spawn_blocking(move || grid.submit(prepared))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("recording job: {e}")))??;
     tracing::info!(
         job = record.id,
         owner = record.owner,
@@ -237,7 +242,7 @@ fn validate(
     a: Matrix,
     b: Matrix,
     c: Option<Matrix>,
-    tile_edge: u32,
+    config: &ServeConfig,
 ) -> Result<NewJob, ApiError> {
     if spec.op != "gemm" {
         return Err(ApiError::bad_request(format!(
@@ -276,9 +281,20 @@ fn validate(
         b.cols as u32,
         a.cols as u32,
         dtype,
-        tile_edge,
+        config.tile_edge,
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let size = dtype.size() as u64;
+    let result = a.rows as u64 * b.cols as u64 * size;
+    let job_bytes =
+        (a.data.len() + b.data.len() + c.as_ref().map_or(0, |c| c.data.len())) as u64 + result;
+    if job_bytes > config.max_job_bytes {
+        return Err(ApiError::TooLarge(format!(
+            "the job's matrices (operands and result) take {job_bytes} bytes; this coordinator \
+             takes jobs up to {} bytes",
+            config.max_job_bytes
+        )));
+    }
     if let Some(name) = &spec.name
         && name.len() > 200
     {

@@ -62,30 +62,13 @@ impl Secret {
                 std::fs::create_dir_all(data_dir)
                     .with_context(|| format!("creating data dir {}", data_dir.display()))?;
                 let secret = Secret::generate();
-                write_private(&path, &secret.0)
+                crate::files::write_atomic(&path, &secret.0, true)
                     .with_context(|| format!("writing {}", path.display()))?;
                 Ok((secret, true))
             }
             Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
         }
     }
-}
-
-/// Writes a file only its owner can read, atomically (temp file + rename).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(tmp, path)
 }
 
 /// Signs and checks tokens.

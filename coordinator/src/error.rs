@@ -22,6 +22,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     RateLimited(String),
+    /// The coordinator's disk quota cannot hold the job (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -56,6 +60,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too_large",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -73,6 +78,18 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::json!({ "error": self.code(), "detail": detail });
         (self.status(), Json(body)).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        match err {
+            crate::store::StoreError::Quota { .. } => {
+                ApiError::InsufficientStorage(err.to_string())
+            }
+            crate::store::StoreError::NotFound(_) => ApiError::NotFound(err.to_string()),
+            other => ApiError::Internal(other.into()),
+        }
     }
 }
 

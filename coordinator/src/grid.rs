@@ -22,7 +22,7 @@ use crate::scheduler::{
     Command, JobId, JobTiles, LeaseStatus, Millis, Panel, Scheduler, SchedulerConfig, Violation,
     WorkerId,
 };
-use crate::store::{JobOperands, JobRecord, JobState, Store, StoreError};
+use crate::store::{JobOperands, JobRecord, JobState, Store, StoreError, TileWrite};
 use crate::verify;
 
 /// An operand panel ready to send: shared by every worker that needs it.
@@ -306,25 +306,20 @@ impl Grid {
 
     /// Records and schedules a prepared job; idle workers start on it at once.
     pub fn submit(&self, prepared: PreparedJob) -> Result<JobRecord, StoreError> {
-        let PreparedJob {
-            job,
-            a_panels,
-            b_panels,
-            c_tiles,
-        } = prepared;
-        let plan = job.plan;
-        let dtype = job.operands.a.dtype;
+        let plan = prepared.job.plan;
         let record = JobRecord {
             id: uuid::Uuid::new_v4().to_string(),
-            owner: job.owner,
-            name: job.name,
-            dtype,
+            owner: prepared.job.owner.clone(),
+            name: prepared.job.name.clone(),
+            dtype: prepared.job.operands.a.dtype,
             m: plan.m,
             n: plan.n,
             k: plan.k,
-            alpha: job.alpha,
-            beta: job.beta,
-            priority: job.priority,
+            tile_m: plan.tile_m,
+            tile_n: plan.tile_n,
+            alpha: prepared.job.alpha,
+            beta: prepared.job.beta,
+            priority: prepared.job.priority,
             state: JobState::Queued,
             tiles_done: 0,
             tiles_total: plan.tile_count(),
@@ -332,11 +327,59 @@ impl Grid {
             finished_at: None,
             error: None,
         };
-        self.store.insert_job(&record, &job.operands)?;
+        self.store.insert_job(&record, &prepared.job.operands)?;
         self.metrics.job_submitted();
-        let result = Matrix::zeros(dtype, plan.m as usize, plan.n as usize)
+        let result = Matrix::zeros(record.dtype, plan.m as usize, plan.n as usize)
             .expect("shape checked at submission");
+        self.admit(record.clone(), prepared, Vec::new(), result);
+        Ok(record)
+    }
 
+    /// Resumes the store's unfinished jobs (after a restart): tiles accepted before are
+    /// kept, the rest are scheduled. Returns how many jobs and kept tiles there were.
+    pub fn resume(&self) -> Result<(usize, u64), StoreError> {
+        let jobs = self.store.unfinished_jobs()?;
+        let mut kept = 0;
+        let count = jobs.len();
+        for job in jobs {
+            let record = job.record;
+            kept += job.done.len() as u64;
+            tracing::info!(
+                job = record.id,
+                tiles_done = job.done.len(),
+                tiles_total = record.tiles_total,
+                "resuming job"
+            );
+            self.metrics.tiles_resumed(job.done.len() as u64);
+            let prepared = PreparedJob::new(NewJob {
+                owner: record.owner.clone(),
+                name: record.name.clone(),
+                alpha: record.alpha,
+                beta: record.beta,
+                priority: record.priority,
+                operands: job.operands,
+                plan: record.plan(),
+            });
+            self.admit(record, prepared, job.done, job.partial);
+        }
+        Ok((count, kept))
+    }
+
+    /// Makes a recorded job live: its panels are registered and the scheduler takes it.
+    fn admit(
+        &self,
+        record: JobRecord,
+        prepared: PreparedJob,
+        done: Vec<(u32, u32)>,
+        result: Matrix,
+    ) {
+        let PreparedJob {
+            job,
+            a_panels,
+            b_panels,
+            c_tiles,
+        } = prepared;
+        let plan = job.plan;
         let mut inner = self.lock();
         let id = inner.next_job;
         inner.next_job += 1;
@@ -351,7 +394,7 @@ impl Grid {
             a_panels: a_panels.iter().map(panel).collect(),
             b_panels: b_panels.iter().map(panel).collect(),
             c_tiles: c_tiles.as_ref().map(|c| c.iter().map(panel).collect()),
-            done: Vec::new(),
+            done,
         };
         let mut keys = Vec::new();
         for data in a_panels
@@ -363,8 +406,8 @@ impl Grid {
             inner.operands.entry(data.key).or_insert((data, 0)).1 += 1;
         }
         let (progress, _) = watch::channel(Progress {
-            state: JobState::Queued,
-            tiles_done: 0,
+            state: record.state,
+            tiles_done: record.tiles_done,
             tiles_total: record.tiles_total,
             error: None,
         });
@@ -372,7 +415,7 @@ impl Grid {
         inner.jobs.insert(
             id,
             LiveJob {
-                record: record.clone(),
+                record,
                 plan,
                 result,
                 keys,
@@ -383,7 +426,6 @@ impl Grid {
         let now = self.now();
         self.step(&mut inner, |s| s.add_job(tiles, now));
         self.update_job_gauges(&inner);
-        Ok(record)
     }
 
     /// The live view of a job (progress more recent than the store's), if it is running.
@@ -632,6 +674,20 @@ impl Grid {
             cols.len(),
             &result.payload,
         );
+        let (lease, compute_micros) = (result.lease, result.compute_micros);
+        let kept = self.store.tile_accepted(TileWrite {
+            job: job.record.id.clone(),
+            tile,
+            row: rows.start as usize,
+            col: cols.start as usize,
+            rows: rows.len(),
+            cols: cols.len(),
+            width: job.plan.n as usize,
+            payload: result.payload,
+        });
+        if let Err(err) = kept {
+            tracing::error!(job = job.record.id, error = %err, "storing a tile failed");
+        }
         job.record.tiles_done += 1;
         let progress = job.progress();
         job.progress.send_replace(progress);
@@ -642,7 +698,7 @@ impl Grid {
             .tile_accepted(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0));
         let mut outcome = Ok(false);
         self.step(&mut inner, |s| {
-            outcome = s.accept(worker, result.lease, result.compute_micros, now)
+            outcome = s.accept(worker, lease, compute_micros, now)
         });
         outcome?;
         Ok(())

@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use tabgrid_coordinator::auth::{Keys, Secret};
 use tabgrid_coordinator::client::{Client, Submission};
 use tabgrid_coordinator::scheduler::SchedulerConfig;
-use tabgrid_coordinator::store::MemoryStore;
+use tabgrid_coordinator::store::sqlite::{SqliteOptions, SqliteStore};
+use tabgrid_coordinator::store::{MemoryStore, Store};
 use tabgrid_coordinator::volunteers::VolunteerMode;
 use tabgrid_coordinator::www::Site;
 use tabgrid_coordinator::{Coordinator, ServeConfig};
@@ -34,6 +35,9 @@ enum Command {
     Cluster(ClusterArgs),
     /// Mint a token signed with this coordinator's secret.
     Token(TokenArgs),
+    /// Copy the embedded store (while it serves) to one tar file; restore with
+    /// `tar -xf FILE -C NEW_DATA_DIR`.
+    Backup(BackupArgs),
     /// Submit a job: C = alpha·A·B + beta·C from .npy files.
     Submit(SubmitArgs),
     /// Show a job's state and progress.
@@ -57,6 +61,17 @@ struct ServerArgs {
     /// Largest request body, bytes (suffixes K, M, G, KiB, MiB, GiB accepted).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     max_body: u64,
+    /// Largest job: its operands and result together (a bigger one is refused with 413).
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    max_job_size: u64,
+    /// Most disk the jobs' files in the data dir may take together (a submission that
+    /// would pass it is refused with 507); unlimited when not given.
+    #[arg(long, env = "TABGRID_DISK_QUOTA", value_parser = parse_size)]
+    disk_quota: Option<u64>,
+    /// `sqlite`: jobs survive restarts (a database and files in --data-dir); `memory`:
+    /// nothing is kept (throwaway grids, benchmarks).
+    #[arg(long, env = "TABGRID_STORE", default_value = "sqlite")]
+    store: StoreKind,
     /// Seconds between worker heartbeats; a worker silent for three is dropped.
     #[arg(long, default_value_t = 5, hide = true)]
     heartbeat_secs: u32,
@@ -83,6 +98,13 @@ struct ServerArgs {
     /// Send the cross-origin isolation headers (`off` only shows the one-thread fallback).
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, hide = true)]
     isolation: bool,
+}
+
+/// Where the coordinator keeps jobs.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum StoreKind {
+    Sqlite,
+    Memory,
 }
 
 #[derive(Args)]
@@ -116,6 +138,16 @@ struct TokenArgs {
     /// Data dir of the coordinator whose secret signs the token.
     #[arg(long, env = "TABGRID_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Data dir of the coordinator to back up.
+    #[arg(long, env = "TABGRID_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// The tar file to write (replaced whole when the copy is complete).
+    #[arg(long)]
+    to: PathBuf,
 }
 
 #[derive(Args)]
@@ -242,6 +274,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Backup(args) => {
+            let summary = tabgrid_coordinator::store::sqlite::backup(&args.data_dir, &args.to)
+                .with_context(|| format!("backing up {}", args.data_dir.display()))?;
+            println!(
+                "wrote {} ({} jobs, {} bytes); restore with: mkdir NEW_DIR && tar -xf {} -C NEW_DIR",
+                args.to.display(),
+                summary.jobs,
+                summary.bytes,
+                args.to.display()
+            );
+            Ok(())
+        }
         Command::Submit(args) => submit(args).await,
         Command::Status(args) => {
             let client = Client::new(&args.client.url, &args.client.token)?;
@@ -329,6 +373,7 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
     let (secret, created) = Secret::load_or_create(env_secret, &args.data_dir)?;
     let config = ServeConfig {
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        max_job_bytes: args.max_job_size,
         heartbeat_secs: args.heartbeat_secs.max(1),
         tile_edge: args.tile_edge.max(1),
         volunteers: args.volunteers,
@@ -350,8 +395,27 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         lease_floor_ms: args.lease_floor_ms,
         ..SchedulerConfig::default()
     };
-    let coordinator =
-        Coordinator::new(Arc::new(MemoryStore::new()), &secret, config, scheduler).with_site(site);
+    let store: Arc<dyn Store> = match args.store {
+        StoreKind::Sqlite => Arc::new(
+            SqliteStore::open(
+                &args.data_dir,
+                SqliteOptions {
+                    quota: args.disk_quota,
+                },
+            )
+            .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
+        ),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    };
+    let coordinator = Coordinator::new(store.clone(), &secret, config, scheduler).with_site(site);
+    let (jobs, tiles) = coordinator
+        .state
+        .grid
+        .resume()
+        .context("resuming unfinished jobs")?;
+    if jobs > 0 {
+        tracing::info!(jobs, tiles, "resumed unfinished jobs");
+    }
     let keys = coordinator.state.keys.clone();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -412,6 +476,7 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    store.flush().context("writing the store's last changes")?;
     Ok(())
 }
 

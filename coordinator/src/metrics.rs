@@ -35,6 +35,7 @@ pub struct Metrics {
     tiles_assigned: Counter,
     tiles_speculative: Counter,
     tiles_accepted: Counter,
+    tiles_resumed: Counter,
     tiles_reassigned: Family<ReasonLabel, Counter>,
     results_refused: Family<ReasonLabel, Counter>,
     workers_banned: Counter,
@@ -64,6 +65,7 @@ impl Metrics {
             tiles_assigned: Counter::default(),
             tiles_speculative: Counter::default(),
             tiles_accepted: Counter::default(),
+            tiles_resumed: Counter::default(),
             tiles_reassigned: Family::default(),
             results_refused: Family::default(),
             workers_banned: Counter::default(),
@@ -102,6 +104,11 @@ impl Metrics {
             "tiles_accepted",
             "Tile results accepted",
             m.tiles_accepted.clone(),
+        );
+        registry.register(
+            "tiles_resumed",
+            "Tiles accepted before a restart and kept, not computed again",
+            m.tiles_resumed.clone(),
         );
         registry.register(
             "tiles_reassigned",
@@ -186,6 +193,10 @@ impl Metrics {
     pub fn tile_accepted(&self, lease_seconds: f64) {
         self.tiles_accepted.inc();
         self.lease_seconds.observe(lease_seconds);
+    }
+
+    pub fn tiles_resumed(&self, tiles: u64) {
+        self.tiles_resumed.inc_by(tiles);
     }
 
     pub fn worker_banned(&self) {

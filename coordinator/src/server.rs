@@ -30,6 +30,8 @@ use crate::www::Site;
 pub struct ServeConfig {
     /// Largest request body, bytes.
     pub max_body: usize,
+    /// Largest job: its operands and result together, bytes.
+    pub max_job_bytes: u64,
     /// Seconds between worker heartbeats; three missed ones drop the worker.
     pub heartbeat_secs: u32,
     /// How often expired leases are reaped.
@@ -44,6 +46,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             max_body: 1 << 30,
+            max_job_bytes: 4 << 30,
             heartbeat_secs: 5,
             tick: Duration::from_millis(200),
             tile_edge: tabgrid_shared::tiling::PREFERRED_EDGE,

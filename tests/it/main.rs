@@ -7,4 +7,5 @@ mod compute;
 mod faults;
 mod page;
 mod protocol;
+mod store;
 mod verify;

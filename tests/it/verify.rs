@@ -7,15 +7,6 @@ use tabgrid_tests::*;
 
 use crate::compute::{Case, run_case};
 
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_cheater_beside_an_honest_worker_is_caught_and_every_answer_is_right() {
     // Small tiles: many results, so the cheater soon reaches the strike limit.

@@ -1,17 +1,21 @@
-//! Where jobs live: the [`Store`] trait and its in-memory implementation.
+//! Where jobs live: the [`Store`] trait, its in-memory implementation, and the embedded
+//! SQLite store ([`sqlite`]).
 //!
 //! The grid keeps what a running job needs in memory (operand panels, the result being
 //! assembled); the store is the record users read (job list, states, results) and what a
-//! restart resumes from. The trait is shaped for the durable stores that follow (SQLite
-//! embedded, PostgreSQL shared): every call is one short transaction, tile acceptances
-//! arrive in batches so commits can be grouped, and large matrices are whole values the
-//! implementation may keep as files.
+//! restart resumes from: every accepted tile is handed to it, so a restart computes only
+//! the tiles that were not. Submissions are durable when `insert_job` returns; the
+//! writes that follow (progress, tiles, results) may be write-behind and batched, and the
+//! store answers reads with them at once.
+
+pub mod sqlite;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use tabgrid_shared::Matrix;
+use tabgrid_shared::tiling::TilePlan;
 
 /// Lifecycle of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -60,6 +64,9 @@ pub struct JobRecord {
     pub m: u32,
     pub n: u32,
     pub k: u32,
+    /// The tile shape the job was cut with (a restart must cut it the same way).
+    pub tile_m: u32,
+    pub tile_n: u32,
     pub alpha: f64,
     pub beta: f64,
     pub priority: i32,
@@ -71,6 +78,12 @@ pub struct JobRecord {
     pub error: Option<String>,
 }
 
+impl JobRecord {
+    pub fn plan(&self) -> TilePlan {
+        TilePlan::new(self.m, self.n, self.k, self.tile_m, self.tile_n)
+    }
+}
+
 /// The inputs of a job.
 #[derive(Clone, Debug)]
 pub struct JobOperands {
@@ -79,22 +92,68 @@ pub struct JobOperands {
     pub c: Option<Arc<Matrix>>,
 }
 
-/// Why the store failed. Durable stores add their own causes.
+/// An unfinished job as a restart finds it.
+#[derive(Debug)]
+pub struct ResumedJob {
+    pub record: JobRecord,
+    pub operands: JobOperands,
+    /// Tiles whose accepted results are in `partial` (checked against their checksums).
+    pub done: Vec<(u32, u32)>,
+    /// The result so far: the `done` tiles are filled in.
+    pub partial: Matrix,
+}
+
+/// An accepted tile handed to the store.
+#[derive(Debug)]
+pub struct TileWrite {
+    pub job: String,
+    /// The tile's index in the job's plan.
+    pub tile: (u32, u32),
+    /// Its first row and column in the result.
+    pub row: usize,
+    pub col: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// Columns of the whole result.
+    pub width: usize,
+    /// `rows × cols` elements, row-major little-endian.
+    pub payload: Vec<u8>,
+}
+
+/// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("job {0} not found")]
     NotFound(String),
+    /// The data dir's quota cannot hold a new job.
+    #[error(
+        "the coordinator's storage is full: this job needs {needed} bytes and {free} of the {quota}-byte quota are free"
+    )]
+    Quota { needed: u64, free: u64, quota: u64 },
+    /// A stored file no longer matches its checksum.
+    #[error("{0}")]
+    Corrupt(String),
     #[error("store backend: {0}")]
     Backend(String),
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(err: std::io::Error) -> Self {
+        StoreError::Backend(format!("file: {err}"))
+    }
 }
 
 /// Job persistence. Implementations are shared between request handlers and the grid, so
 /// they synchronise internally; every method is short and never waits on the network.
 pub trait Store: Send + Sync + 'static {
-    /// Records a new job and its operands, all or nothing.
+    /// Records a new job and its operands, all or nothing; durable when it returns. May
+    /// refuse with [`StoreError::Quota`].
     fn insert_job(&self, job: &JobRecord, operands: &JobOperands) -> Result<(), StoreError>;
     /// Replaces a job's mutable fields (state, progress, timestamps, error).
     fn update_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// Keeps an accepted tile so that a restart does not compute it again. Called under
+    /// the grid's lock: it must not wait on IO (durable stores queue it).
+    fn tile_accepted(&self, tile: TileWrite) -> Result<(), StoreError>;
     /// Stores the finished result of a job.
     fn put_result(&self, id: &str, result: Arc<Matrix>) -> Result<(), StoreError>;
     fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
@@ -103,8 +162,12 @@ pub trait Store: Send + Sync + 'static {
     fn result(&self, id: &str) -> Result<Option<Arc<Matrix>>, StoreError>;
     /// Deletes a job with its operands and result; false when there was none.
     fn delete_job(&self, id: &str) -> Result<bool, StoreError>;
-    /// Jobs to resume after a restart, with their operands.
-    fn unfinished_jobs(&self) -> Result<Vec<(JobRecord, JobOperands)>, StoreError>;
+    /// Jobs to resume after a restart, with their operands and accepted tiles.
+    fn unfinished_jobs(&self) -> Result<Vec<ResumedJob>, StoreError>;
+    /// Waits until every write handed over so far is durable.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -161,6 +224,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn tile_accepted(&self, _tile: TileWrite) -> Result<(), StoreError> {
+        // The grid's own copy of the result is all there is: nothing survives the process.
+        Ok(())
+    }
+
     fn put_result(&self, id: &str, result: Arc<Matrix>) -> Result<(), StoreError> {
         let mut jobs = self.lock();
         let entry = jobs
@@ -193,14 +261,25 @@ impl Store for MemoryStore {
         Ok(self.lock().remove(id).is_some())
     }
 
-    fn unfinished_jobs(&self) -> Result<Vec<(JobRecord, JobOperands)>, StoreError> {
-        Ok(self
-            .lock()
-            .values()
-            .filter_map(|j| match (&j.record, &j.operands) {
-                (Some(r), Some(o)) if !r.state.is_terminal() => Some((r.clone(), o.clone())),
-                _ => None,
-            })
-            .collect())
+    fn unfinished_jobs(&self) -> Result<Vec<ResumedJob>, StoreError> {
+        let mut jobs = Vec::new();
+        for job in self.lock().values() {
+            if let (Some(record), Some(operands)) = (&job.record, &job.operands)
+                && !record.state.is_terminal()
+            {
+                let partial = Matrix::zeros(record.dtype, record.m as usize, record.n as usize)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                jobs.push(ResumedJob {
+                    record: JobRecord {
+                        tiles_done: 0,
+                        ..record.clone()
+                    },
+                    operands: operands.clone(),
+                    done: Vec::new(),
+                    partial,
+                });
+            }
+        }
+        Ok(jobs)
     }
 }
