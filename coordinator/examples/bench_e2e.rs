@@ -405,7 +405,11 @@ fn resume_time() {
             b: matrix(k, side, 8),
             c: None,
         };
-        store.insert_job(&record, &operands).unwrap();
+        store
+            .insert_job(&record, &operands)
+            .unwrap()
+            .wait()
+            .unwrap();
         let payload = vec![1u8; (edge * edge * 4) as usize];
         for i in 0..tiles_per_side {
             for j in (0..tiles_per_side).step_by(2) {

@@ -22,7 +22,7 @@ use tabgrid_shared::{Dtype, Matrix};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, body_error};
-use crate::grid::{NewJob, PreparedJob, Progress};
+use crate::grid::{NewJob, Progress};
 use crate::npy;
 use crate::server::{AppState, ServeConfig};
 use crate::store::{JobOperands, JobRecord, JobState};
@@ -159,12 +159,9 @@ pub async fn submit(
         )));
     };
     let job = validate(caller.0.sub.clone(), spec, a, b, c, &state.config)?;
-    let prepared = tokio::task::spawn_blocking(move || PreparedJob::new(job))
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("preparing job: {e}")))?;
     let grid = state.grid.clone();
-    // Durable stores write the operands to disk before answering: off the runtime.
-    let record = tokio::task::spawn_blocking(move || grid.submit(prepared))
+    // Cutting panels and writing operands to disk are CPU and IO: off the runtime.
+    let record = tokio::task::spawn_blocking(move || grid.submit(job))
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("recording job: {e}")))??;
     tracing::info!(

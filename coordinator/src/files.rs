@@ -9,6 +9,11 @@ use std::path::Path;
 /// to disk, renamed over `path`, and the directory flushed so that the rename is durable.
 /// `private` files are readable by their owner only.
 pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> {
+    write_atomic_parts(path, &[bytes], private)
+}
+
+/// [`write_atomic`] of the concatenation of `parts`, without concatenating them.
+pub fn write_atomic_parts(path: &Path, parts: &[&[u8]], private: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -26,7 +31,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> 
     #[cfg(not(unix))]
     let _ = private;
     let written = options.open(&tmp).and_then(|mut file| {
-        file.write_all(bytes)?;
+        for part in parts {
+            file.write_all(part)?;
+        }
         file.sync_all()
     });
     if let Err(err) = written.and_then(|()| std::fs::rename(&tmp, path)) {

@@ -304,22 +304,26 @@ impl Grid {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records and schedules a prepared job; idle workers start on it at once.
-    pub fn submit(&self, prepared: PreparedJob) -> Result<JobRecord, StoreError> {
-        let plan = prepared.job.plan;
+    /// Records a new job in the store and schedules it; idle workers start on it at once.
+    /// Returns once the job is durable. The store's write (durable stores put the
+    /// operands on disk), the cutting of panels and the first tiles run side by side; if
+    /// the write fails, the job is withdrawn and leaves no trace. Blocking: call it off
+    /// the async runtime.
+    pub fn submit(&self, job: NewJob) -> Result<JobRecord, StoreError> {
+        let plan = job.plan;
         let record = JobRecord {
             id: uuid::Uuid::new_v4().to_string(),
-            owner: prepared.job.owner.clone(),
-            name: prepared.job.name.clone(),
-            dtype: prepared.job.operands.a.dtype,
+            owner: job.owner.clone(),
+            name: job.name.clone(),
+            dtype: job.operands.a.dtype,
             m: plan.m,
             n: plan.n,
             k: plan.k,
             tile_m: plan.tile_m,
             tile_n: plan.tile_n,
-            alpha: prepared.job.alpha,
-            beta: prepared.job.beta,
-            priority: prepared.job.priority,
+            alpha: job.alpha,
+            beta: job.beta,
+            priority: job.priority,
             state: JobState::Queued,
             tiles_done: 0,
             tiles_total: plan.tile_count(),
@@ -327,11 +331,19 @@ impl Grid {
             finished_at: None,
             error: None,
         };
-        self.store.insert_job(&record, &prepared.job.operands)?;
-        self.metrics.job_submitted();
+        let durable = self.store.insert_job(&record, &job.operands)?;
+        let prepared = PreparedJob::new(job);
         let result = Matrix::zeros(record.dtype, plan.m as usize, plan.n as usize)
             .expect("shape checked at submission");
-        self.admit(record.clone(), prepared, Vec::new(), result);
+        let id = self.admit(record.clone(), prepared, Vec::new(), result);
+        if let Err(err) = durable.wait() {
+            tracing::error!(job = record.id, error = %err, "recording a job failed; withdrawn");
+            let mut inner = self.lock();
+            self.end(&mut inner, id, JobState::Cancelled, None, false);
+            self.apply(&mut inner);
+            return Err(err);
+        }
+        self.metrics.job_submitted();
         Ok(record)
     }
 
@@ -372,7 +384,7 @@ impl Grid {
         prepared: PreparedJob,
         done: Vec<(u32, u32)>,
         result: Matrix,
-    ) {
+    ) -> JobId {
         let PreparedJob {
             job,
             a_panels,
@@ -426,6 +438,7 @@ impl Grid {
         let now = self.now();
         self.step(&mut inner, |s| s.add_job(tiles, now));
         self.update_job_gauges(&inner);
+        id
     }
 
     /// The live view of a job (progress more recent than the store's), if it is running.
@@ -790,6 +803,19 @@ impl Grid {
     /// Ends a live job: its record reaches its final state in the store (with the result
     /// when done), its leases are cancelled and its operands released.
     fn finish(&self, inner: &mut Inner, job_id: JobId, state: JobState, error: Option<String>) {
+        self.end(inner, job_id, state, error, true);
+    }
+
+    /// [`Grid::finish`], telling the store only when `record` (a job the store never
+    /// recorded is withdrawn without a trace).
+    fn end(
+        &self,
+        inner: &mut Inner,
+        job_id: JobId,
+        state: JobState,
+        error: Option<String>,
+        record: bool,
+    ) {
         let Some(mut job) = inner.jobs.remove(&job_id) else {
             return;
         };
@@ -806,18 +832,20 @@ impl Grid {
         job.record.state = state;
         job.record.finished_at = Some(SystemTime::now());
         job.record.error = error;
+        let stored = record;
         let LiveJob {
             record,
             result,
             progress,
             ..
         } = job;
-        if state == JobState::Done
+        if stored
+            && state == JobState::Done
             && let Err(err) = self.store.put_result(&record.id, Arc::new(result))
         {
             tracing::error!(job = record.id, error = %err, "storing result failed");
         }
-        if let Err(err) = self.store.update_job(&record) {
+        if stored && let Err(err) = self.store.update_job(&record) {
             tracing::error!(job = record.id, error = %err, "store update failed");
         }
         progress.send_replace(Progress {

@@ -94,6 +94,33 @@ fn read_copying(part: &str, bytes: &[u8], dtype: Dtype) -> Result<Matrix, NpyErr
     Matrix::new(dtype, rows, cols, data).map_err(|e| fail(e.to_string()))
 }
 
+/// The header of a 2-D C-order `.npy` (format 1.0) of `dtype`, padded with spaces so that
+/// the data starts on a 64-byte boundary, as NumPy writes it. Header and the matrix's
+/// bytes make the file: [`write`] without the copy.
+pub fn header(dtype: Dtype, rows: usize, cols: usize) -> Vec<u8> {
+    let descr = match dtype {
+        Dtype::F32 => "<f4",
+        Dtype::F64 => "<f8",
+    };
+    let dict =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic, version and length (10 bytes), the dictionary, a newline.
+    let total = (10 + dict.len() + 1).div_ceil(64) * 64;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&((total - 10) as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out.resize(total - 1, b' ');
+    out.push(b'\n');
+    out
+}
+
+/// Where the data of an `.npy` file starts, from its first 10 bytes (format 1.0).
+pub fn data_offset(first: &[u8; 10]) -> Option<usize> {
+    (first.starts_with(b"\x93NUMPY\x01"))
+        .then(|| 10 + u16::from_le_bytes([first[8], first[9]]) as usize)
+}
+
 /// Writes a matrix as a C-order `.npy`.
 pub fn write(matrix: &Matrix) -> Vec<u8> {
     let mut out = Vec::with_capacity(matrix.data.len() + 128);
@@ -128,6 +155,25 @@ pub fn write(matrix: &Matrix) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_handmade_header_reads_back_and_matches_the_writer() {
+        for (dtype, rows, cols) in [
+            (Dtype::F32, 2, 3),
+            (Dtype::F64, 1000, 1),
+            (Dtype::F64, 0, 7),
+        ] {
+            let m = Matrix::zeros(dtype, rows, cols).unwrap();
+            let mut bytes = header(dtype, rows, cols);
+            assert_eq!(bytes.len() % 64, 0);
+            let first: [u8; 10] = bytes[..10].try_into().unwrap();
+            assert_eq!(data_offset(&first), Some(bytes.len()));
+            bytes.extend_from_slice(&m.data);
+            assert_eq!(read("x", &bytes, dtype).unwrap(), m);
+            assert_eq!(bytes.len(), write(&m).len());
+        }
+        assert_eq!(data_offset(b"PK\x03\x04abcdef"), None);
+    }
 
     #[test]
     fn round_trip_and_refusals() {

@@ -196,9 +196,9 @@ async fn a_backup_taken_while_serving_restores_every_job() {
 
 #[tokio::test]
 async fn the_disk_quota_and_job_size_limit_refuse_cleanly() {
-    let c = Coordinator::start(&["--disk-quota", "2MiB", "--max-job-size", "2MiB"]).await;
+    let c = Coordinator::start(&["--disk-quota", "1700KiB", "--max-job-size", "2MiB"]).await;
     let t = token("ada", Role::Submitter);
-    // 1.3 MB of matrices, 1.6 MB on disk (operands, partial and final result).
+    // 1.3 MB of matrices (A, B, C and the result), as much on disk.
     let first = submit(&c, &t, (200, 200, 200), 1).await;
 
     // Over the per-job limit (2.2 MB): 413, before anything is written.
@@ -217,7 +217,7 @@ async fn the_disk_quota_and_job_size_limit_refuse_cleanly() {
         "{reply}"
     );
 
-    // Under the limit but over what the quota has left (0.7 MB of 0.5): 507, nothing
+    // Under the limit but over what the quota has left (0.54 MB of 0.46): 507, nothing
     // left behind.
     let second = json!({
         "op": "gemm", "dtype": "f64",

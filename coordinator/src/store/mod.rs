@@ -4,8 +4,8 @@
 //! The grid keeps what a running job needs in memory (operand panels, the result being
 //! assembled); the store is the record users read (job list, states, results) and what a
 //! restart resumes from: every accepted tile is handed to it, so a restart computes only
-//! the tiles that were not. Submissions are durable when `insert_job` returns; the
-//! writes that follow (progress, tiles, results) may be write-behind and batched, and the
+//! the tiles that were not. A submission is durable once the [`Durable`] that
+//! `insert_job` returns has been waited on; the writes that follow (progress, tiles, results) may be write-behind and batched, and the
 //! store answers reads with them at once.
 
 pub mod sqlite;
@@ -120,6 +120,32 @@ pub struct TileWrite {
     pub payload: Vec<u8>,
 }
 
+/// A write on its way to disk: [`Durable::wait`] returns once it is there (or why not).
+#[derive(Debug)]
+#[must_use = "a submission is durable only once waited on"]
+pub struct Durable(Option<std::sync::mpsc::Receiver<Result<(), StoreError>>>);
+
+impl Durable {
+    /// Nothing to wait for (stores that keep nothing on disk).
+    pub fn done() -> Durable {
+        Durable(None)
+    }
+
+    pub(crate) fn pending(rx: std::sync::mpsc::Receiver<Result<(), StoreError>>) -> Durable {
+        Durable(Some(rx))
+    }
+
+    /// Blocks until the write is durable.
+    pub fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(StoreError::Backend("the store writer stopped".into()))),
+        }
+    }
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -146,9 +172,12 @@ impl From<std::io::Error> for StoreError {
 /// Job persistence. Implementations are shared between request handlers and the grid, so
 /// they synchronise internally; every method is short and never waits on the network.
 pub trait Store: Send + Sync + 'static {
-    /// Records a new job and its operands, all or nothing; durable when it returns. May
-    /// refuse with [`StoreError::Quota`].
-    fn insert_job(&self, job: &JobRecord, operands: &JobOperands) -> Result<(), StoreError>;
+    /// Records a new job and its operands, all or nothing. Refusals that need no IO
+    /// ([`StoreError::Quota`]) come at once; the write itself may go on in the background
+    /// (so the job can be prepared meanwhile) and is durable when the returned
+    /// [`Durable`] has been waited on. Writes for the job handed over after this call are
+    /// carried out after it.
+    fn insert_job(&self, job: &JobRecord, operands: &JobOperands) -> Result<Durable, StoreError>;
     /// Replaces a job's mutable fields (state, progress, timestamps, error).
     fn update_job(&self, job: &JobRecord) -> Result<(), StoreError>;
     /// Keeps an accepted tile so that a restart does not compute it again. Called under
@@ -199,7 +228,7 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn insert_job(&self, job: &JobRecord, operands: &JobOperands) -> Result<(), StoreError> {
+    fn insert_job(&self, job: &JobRecord, operands: &JobOperands) -> Result<Durable, StoreError> {
         self.lock().insert(
             job.id.clone(),
             MemoryJob {
@@ -208,7 +237,7 @@ impl Store for MemoryStore {
                 result: None,
             },
         );
-        Ok(())
+        Ok(Durable::done())
     }
 
     fn update_job(&self, job: &JobRecord) -> Result<(), StoreError> {
