@@ -650,8 +650,8 @@ impl Grid {
             return outcome.map_err(Into::into);
         }
         if let Some(Err(mismatch)) = verdict {
-            // Wrong arithmetic: never written. The tile goes back to the queue, and the
-            // connection collects a strike.
+            // Wrong arithmetic: never written. The tile goes back to the queue for another
+            // worker, and the connection collects a strike.
             self.metrics.result_refused("verification");
             let strikes = inner.workers.get_mut(&worker).map_or(0, |conn| {
                 conn.strikes += 1;
@@ -666,7 +666,7 @@ impl Grid {
             );
             let mut outcome = Ok(());
             self.step(&mut inner, |s| {
-                outcome = s.failed(worker, result.lease, now)
+                outcome = s.rejected(worker, result.lease, now)
             });
             outcome?;
             if strikes >= STRIKE_LIMIT {

@@ -34,6 +34,8 @@ pub mod close_code {
     pub const PROTOCOL: u16 = 1002;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    /// Too many connections for now; the worker retries later with backoff.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// How long a new connection has to send `Hello`.
@@ -48,6 +50,18 @@ pub async fn worker_socket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Before anything else: an address over its limit costs no token check or upgrade.
+    let address_slot = match state.connection_limits.address(peer.ip()) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            state.grid.metrics().connection_refused("address");
+            return ApiError::RateLimited(format!(
+                "{} already has {limit} worker connections, this coordinator's limit per address",
+                peer.ip()
+            ))
+            .into_response();
+        }
+    };
     let header_claims = match crate::auth::bearer(&headers) {
         None => None,
         Some(token) => match state.keys.verify(token) {
@@ -65,6 +79,7 @@ pub async fn worker_socket(
                 state,
                 socket,
                 peer,
+                slots: vec![address_slot],
             }
             .run(header_claims)
             .await;
@@ -109,6 +124,8 @@ struct Session {
     state: AppState,
     socket: WebSocket,
     peer: std::net::SocketAddr,
+    /// Places under the connection limits, given back as the worker leaves.
+    slots: Vec<crate::limits::Slot>,
 }
 
 impl Session {
@@ -124,6 +141,21 @@ impl Session {
                 return self.close(refusal).await;
             }
         };
+        match self.state.connection_limits.subject(&claims.sub) {
+            Ok(slot) => self.slots.push(slot),
+            Err(limit) => {
+                self.state.grid.metrics().connection_refused("subject");
+                return self
+                    .close(Refusal {
+                        code: close_code::TRY_AGAIN_LATER,
+                        reason: format!(
+                            "subject {:?} already has {limit} worker connections, the limit",
+                            claims.sub
+                        ),
+                    })
+                    .await;
+            }
+        }
         let grid = self.state.grid.clone();
         let registered = grid.register_worker(
             hello.kind,
@@ -155,6 +187,7 @@ impl Session {
         );
         let end = self.serve(&grid, worker, outbox).await;
         grid.unregister_worker(worker);
+        self.slots.clear();
         match end {
             Some(refusal) => {
                 if refusal.code != close_code::GOING_AWAY {

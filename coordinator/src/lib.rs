@@ -14,6 +14,7 @@ pub mod error;
 pub mod files;
 pub mod grid;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod npy;
 pub mod scheduler;
@@ -47,6 +48,10 @@ impl Coordinator {
     ) -> Coordinator {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let grid = grid::Grid::new(store, metrics::Metrics::new(), scheduler);
+        let connection_limits = limits::ConnectionLimits::new(
+            config.max_conns_per_address,
+            config.max_conns_per_subject,
+        );
         Coordinator {
             state: AppState {
                 grid,
@@ -54,6 +59,7 @@ impl Coordinator {
                 config: Arc::new(config),
                 site: Arc::new(www::Site::default()),
                 volunteer_limiter: Arc::new(volunteers::RateLimiter::default()),
+                connection_limits,
                 shutdown,
             },
             stop,

@@ -68,6 +68,13 @@ struct ServerArgs {
     /// would pass it is refused with 507); unlimited when not given.
     #[arg(long, env = "TABGRID_DISK_QUOTA", value_parser = parse_size)]
     disk_quota: Option<u64>,
+    /// Most worker connections (native workers and tabs) from one client address; 0 for no
+    /// limit. Behind a reverse proxy every worker has the proxy's address: raise it.
+    #[arg(long, default_value_t = 64)]
+    max_conns_per_address: u32,
+    /// Most worker connections with one token subject; 0 for no limit.
+    #[arg(long, default_value_t = 16)]
+    max_conns_per_subject: u32,
     /// `sqlite`: jobs survive restarts (a database and files in --data-dir); `memory`:
     /// nothing is kept (throwaway grids, benchmarks).
     #[arg(long, env = "TABGRID_STORE", default_value = "sqlite")]
@@ -374,6 +381,8 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
     let config = ServeConfig {
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         max_job_bytes: args.max_job_size,
+        max_conns_per_address: args.max_conns_per_address,
+        max_conns_per_subject: args.max_conns_per_subject,
         heartbeat_secs: args.heartbeat_secs.max(1),
         tile_edge: args.tile_edge.max(1),
         volunteers: args.volunteers,

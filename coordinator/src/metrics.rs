@@ -38,6 +38,7 @@ pub struct Metrics {
     tiles_resumed: Counter,
     tiles_reassigned: Family<ReasonLabel, Counter>,
     results_refused: Family<ReasonLabel, Counter>,
+    connections_refused: Family<ReasonLabel, Counter>,
     workers_banned: Counter,
     workers_connected: Family<KindLabel, Gauge>,
     bytes_sent: Counter,
@@ -68,6 +69,7 @@ impl Metrics {
             tiles_resumed: Counter::default(),
             tiles_reassigned: Family::default(),
             results_refused: Family::default(),
+            connections_refused: Family::default(),
             workers_banned: Counter::default(),
             workers_connected: Family::default(),
             bytes_sent: Counter::default(),
@@ -119,6 +121,11 @@ impl Metrics {
             "results_refused",
             "Tile results refused (size: wrong size, checksum: corrupted on the way, verification: wrong arithmetic)",
             m.results_refused.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Worker connections refused over a limit (address: per client address, subject: per token subject)",
+            m.connections_refused.clone(),
         );
         registry.register(
             "workers_banned",
@@ -205,6 +212,12 @@ impl Metrics {
 
     pub fn result_refused(&self, reason: &'static str) {
         self.results_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }

@@ -188,6 +188,9 @@ struct JobState {
     done: Vec<bool>,
     done_count: u64,
     last_assigned: Millis,
+    /// Workers whose result for an open tile failed verification: the tile is never
+    /// theirs again.
+    refused: HashMap<TileIndex, Vec<WorkerId>>,
 }
 
 impl JobState {
@@ -211,6 +214,11 @@ impl JobState {
             }
             self.pending -= 1;
         }
+    }
+
+    /// Whether `worker` may compute `tile` (it has not sent a wrong result for it).
+    fn allowed(&self, tile: TileIndex, worker: WorkerId) -> bool {
+        self.refused.is_empty() || self.refused.get(&tile).is_none_or(|w| !w.contains(&worker))
     }
 
     fn keys(&self, (i, j): TileIndex) -> (Panel, Panel, Option<Panel>) {
@@ -351,6 +359,7 @@ impl Scheduler {
             done: vec![false; total],
             done_count: 0,
             last_assigned: now,
+            refused: HashMap::new(),
             tiles,
         };
         for &tile in &job.tiles.done.clone() {
@@ -542,6 +551,9 @@ impl Scheduler {
         job.done[slot] = true;
         job.done_count += 1;
         job.take_pending(tile);
+        if !job.refused.is_empty() {
+            job.refused.remove(&tile);
+        }
         let flops = job.tiles.plan.tile_flops(tile.0, tile.1);
         let others = job.active.remove(&tile).unwrap_or_default();
         job.active_count -= others.len();
@@ -607,6 +619,25 @@ impl Scheduler {
         }
         self.dispatch_idle(now);
         Ok(())
+    }
+
+    /// The result for `lease` failed verification: the tile goes back to the queue for
+    /// any worker but this one.
+    pub fn rejected(
+        &mut self,
+        worker: WorkerId,
+        lease: LeaseId,
+        now: Millis,
+    ) -> Result<(), Violation> {
+        let (job_id, tile) = match self.lease(worker, lease)? {
+            LeaseStatus::Active { job, tile } | LeaseStatus::Retired { job, tile } => (job, tile),
+        };
+        if let Some(job) = self.jobs.get_mut(&job_id)
+            && !job.done[job.tile_slot(tile)]
+        {
+            job.refused.entry(tile).or_default().push(worker);
+        }
+        self.failed(worker, lease, now)
     }
 
     /// Advances time: expired leases return to the queue and idle workers may take
@@ -714,15 +745,34 @@ impl Scheduler {
                 self.idle.remove(&worker);
                 return;
             }
-            let choice = match self.pick_job(now) {
-                Some(job) => self.pick_tile(job, worker).map(|t| (job, t, false)),
-                None => self.pick_straggler(worker, now).map(|(j, t)| (j, t, true)),
-            };
+            let choice = self
+                .pick_pending(worker, now)
+                .map(|(j, t)| (j, t, false))
+                .or_else(|| self.pick_straggler(worker, now).map(|(j, t)| (j, t, true)));
             let Some((job, tile, speculative)) = choice else {
                 return;
             };
             self.assign(worker, job, tile, speculative, now);
         }
+    }
+
+    /// A pending tile for `worker`: from the job [`Scheduler::pick_job`] picks, or, when
+    /// every pending tile there was refused from this worker, from any other job.
+    fn pick_pending(&self, worker: WorkerId, now: Millis) -> Option<(JobId, TileIndex)> {
+        let job = self.pick_job(now)?;
+        if let Some(tile) = self.pick_tile(job, worker) {
+            return Some((job, tile));
+        }
+        let mut others: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|&(&id, j)| id != job && j.pending > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        others.sort_unstable();
+        others
+            .into_iter()
+            .find_map(|other| self.pick_tile(other, worker).map(|tile| (other, tile)))
     }
 
     fn pick_job(&self, now: Millis) -> Option<JobId> {
@@ -752,6 +802,9 @@ impl Scheduler {
                 continue;
             }
             for &j in job.pending_rows[i as usize].iter().take(SCAN) {
+                if !job.allowed((i, j), worker) {
+                    continue;
+                }
                 if holds(&job.tiles.b_panels[j as usize]) {
                     return Some((i, j));
                 }
@@ -765,15 +818,24 @@ impl Scheduler {
         for key in state.held.keys().take(SCAN) {
             for &(j, side) in self.panels.get(key).into_iter().flatten() {
                 if let (true, Side::Col(col)) = (j == job_id, side)
-                    && let Some(&i) = job.pending_cols[col as usize].first()
+                    && let Some(&i) = job.pending_cols[col as usize]
+                        .iter()
+                        .find(|&&i| job.allowed((i, col), worker))
                 {
                     return Some((i, col));
                 }
             }
         }
-        let &i = job.nonempty_rows.first()?;
-        let &j = job.pending_rows[i as usize].first()?;
-        Some((i, j))
+        if job.refused.is_empty() {
+            let &i = job.nonempty_rows.first()?;
+            let &j = job.pending_rows[i as usize].first()?;
+            return Some((i, j));
+        }
+        // Rare (a wrong result was sent for this job): scan for a tile this worker may take.
+        job.nonempty_rows
+            .iter()
+            .flat_map(|&i| job.pending_rows[i as usize].iter().map(move |&j| (i, j)))
+            .find(|&tile| job.allowed(tile, worker))
     }
 
     /// A tile worth duplicating for an idle worker: running longer than its expected time
@@ -797,7 +859,7 @@ impl Scheduler {
                     oldest = oldest.min(lease.issued);
                     late |= now.saturating_sub(lease.issued) >= lease.expected_ms.max(1);
                 }
-                if mine || !late {
+                if mine || !late || !job.allowed(tile, worker) {
                     continue;
                 }
                 let key = (Reverse(job.tiles.priority), oldest, job_id, tile);

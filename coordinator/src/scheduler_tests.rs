@@ -295,6 +295,17 @@ impl Harness {
         self.apply()
     }
 
+    /// `worker`'s result for `lease` failed verification.
+    fn reject(&mut self, worker: WorkerId, lease: LeaseId) -> Vec<Command> {
+        self.sched
+            .rejected(worker, lease, self.now)
+            .expect("a lease of this worker");
+        if let Some(v) = self.volunteers.get_mut(&worker) {
+            v.leases.remove(&lease);
+        }
+        self.apply()
+    }
+
     fn tick(&mut self, now: Millis) -> Vec<Command> {
         self.now = now;
         self.sched.tick(now);
@@ -836,6 +847,44 @@ fn a_failed_tile_goes_back_to_the_queue() {
 }
 
 #[test]
+fn a_rejected_tile_goes_to_another_worker() {
+    let mut h = Harness::new(no_speculation());
+    h.add_job(job(1, 0, 1, 2));
+    h.join(1, 1.0, BIG_CACHE);
+    let first = only_assignment(&h.ready(1, 1));
+    assert_eq!(first.tile, (0, 0));
+    assert!(h.reject(1, first.lease).is_empty());
+    // The worker that sent a wrong result gets the other tile, not the refused one again.
+    let next = only_assignment(&h.ready(1, 1));
+    assert_eq!((next.worker, next.tile), (1, (0, 1)));
+    let (fresh, _) = h.accept(1, next.lease);
+    assert!(fresh);
+    // With nothing else pending it waits; a second worker takes the refused tile.
+    assert!(h.ready(1, 1).is_empty());
+    h.join(2, 1.0, BIG_CACHE);
+    let again = only_assignment(&h.ready(2, 1));
+    assert_eq!((again.worker, again.tile), (2, (0, 0)));
+    let (fresh, commands) = h.accept(2, again.lease);
+    assert!(fresh);
+    assert_eq!(completions(&commands), vec![1]);
+    assert_eq!(h.sched.stats().failed, 1);
+}
+
+#[test]
+fn a_refused_worker_takes_tiles_of_another_job() {
+    let mut h = Harness::new(no_speculation());
+    h.add_job(job(1, 5, 1, 1));
+    h.add_job(job(2, 0, 1, 1));
+    h.join(1, 1.0, BIG_CACHE);
+    let first = only_assignment(&h.ready(1, 1));
+    assert_eq!(first.job, 1);
+    assert!(h.reject(1, first.lease).is_empty());
+    // Job 1 comes first by priority, but its only tile is refused to worker 1.
+    let next = only_assignment(&h.ready(1, 1));
+    assert_eq!((next.worker, next.job), (1, 2));
+}
+
+#[test]
 fn removing_a_job_cancels_its_leases_and_forgets_its_own_panels() {
     let mut h = Harness::new(config());
     let doomed = job(1, 1, 2, 2);
@@ -1117,8 +1166,11 @@ fn simulate(seed: u64) -> Harness {
             30..65 if !leases.is_empty() => {
                 h.accept(worker, rng.pick(&leases));
             }
-            65..72 if !leases.is_empty() => {
+            65..69 if !leases.is_empty() => {
                 h.fail(worker, rng.pick(&leases));
+            }
+            69..72 if !leases.is_empty() => {
+                h.reject(worker, rng.pick(&leases));
             }
             72..75 if workers.len() > 1 => {
                 h.leave(worker);

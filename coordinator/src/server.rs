@@ -40,6 +40,10 @@ pub struct ServeConfig {
     pub tile_edge: u32,
     /// Whether anonymous tabs get volunteer tokens at `POST /api/v1/volunteers`.
     pub volunteers: VolunteerMode,
+    /// Most worker connections from one client address (0: no limit).
+    pub max_conns_per_address: u32,
+    /// Most worker connections with one token subject (0: no limit).
+    pub max_conns_per_subject: u32,
 }
 
 impl Default for ServeConfig {
@@ -51,6 +55,8 @@ impl Default for ServeConfig {
             tick: Duration::from_millis(200),
             tile_edge: tabgrid_shared::tiling::PREFERRED_EDGE,
             volunteers: VolunteerMode::Open,
+            max_conns_per_address: 64,
+            max_conns_per_subject: 16,
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct AppState {
     /// The volunteer page and its bundles.
     pub site: Arc<Site>,
     pub volunteer_limiter: Arc<RateLimiter>,
+    /// Worker connections per address and per subject.
+    pub connection_limits: Arc<crate::limits::ConnectionLimits>,
     /// Turns true when the coordinator shuts down, so worker sessions close with a reason
     /// instead of being cut.
     pub shutdown: watch::Receiver<bool>,

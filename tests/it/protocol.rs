@@ -276,3 +276,70 @@ async fn bad_peers_are_closed_with_a_reason_and_harm_no_one() {
         .unwrap();
     assert!(violations >= 6, "{metrics}");
 }
+
+#[tokio::test]
+async fn connections_over_the_per_address_and_per_subject_limits_are_refused() {
+    let c = Coordinator::start(&[
+        "--max-conns-per-address",
+        "3",
+        "--max-conns-per-subject",
+        "1",
+    ])
+    .await;
+    let first = join(&c, "twin").await;
+    let other = join(&c, "other").await;
+    let _third = join(&c, "third").await;
+
+    // Three connections from this address are the limit: the fourth is refused before
+    // the upgrade, as a 429 naming the limit.
+    let refused = tokio_tungstenite::connect_async(c.ws_url())
+        .await
+        .unwrap_err();
+    match refused {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            assert_eq!(response.status(), 429);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+            assert!(body.contains("limit per address"), "{body}");
+        }
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+
+    // A second connection with the same subject: told to come back later, with why.
+    drop(other);
+    c.wait_log("worker disconnected", 1).await;
+    let mut second = connect(&c).await;
+    second
+        .send(Message::binary(hello(
+            Some(token("twin", Role::Volunteer)),
+            PROTOCOL_VERSION,
+        )))
+        .await
+        .unwrap();
+    let (code, reason) = closed(&mut second).await;
+    assert_eq!(code, 1013, "{reason}");
+    assert!(
+        reason.contains("\"twin\" already has 1 worker connections"),
+        "{reason}"
+    );
+    let metrics = c.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tabgrid_connections_refused_total{reason=\"subject\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tabgrid_connections_refused_total{reason=\"address\"}"
+        ),
+        1.0
+    );
+
+    // A place given back is free again, for the subject too.
+    drop(first);
+    c.wait_log("worker disconnected", 2).await;
+    let _again = join(&c, "twin").await;
+    assert_eq!(c.get("/healthz", "").await.status(), 200);
+}
