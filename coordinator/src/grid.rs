@@ -166,6 +166,8 @@ impl PreparedJob {
 
 struct LiveJob {
     record: JobRecord,
+    /// The secret of its results' checks and the work they share.
+    check: Arc<verify::JobCheck>,
     plan: TilePlan,
     result: Matrix,
     keys: Vec<OperandKey>,
@@ -228,34 +230,27 @@ pub const STRIKE_LIMIT: u32 = 3;
 /// How long a subject whose worker was dropped for wrong results stays refused.
 pub const BAN_COOLDOWN: Duration = Duration::from_secs(600);
 
-/// The operands a worker's tile is checked against, held by `Arc` so that the check
-/// runs outside the grid lock.
+/// What a worker's tile is checked against, held by `Arc` so that the check runs
+/// outside the grid lock.
 #[derive(Debug)]
 pub struct CheckInputs {
-    dtype: Dtype,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f64,
-    beta: f64,
-    a: Arc<OperandData>,
-    b: Arc<OperandData>,
+    check: Arc<verify::JobCheck>,
+    tile: (u32, u32),
     c: Option<Arc<OperandData>>,
+    /// Bytes the result must have.
+    pub expected: usize,
 }
 
 impl CheckInputs {
-    pub fn tile(&self) -> verify::Tile<'_> {
-        verify::Tile {
-            dtype: self.dtype,
-            m: self.m,
-            n: self.n,
-            k: self.k,
-            alpha: self.alpha,
-            beta: self.beta,
-            a: &self.a.bytes,
-            b: &self.b.bytes,
-            c: self.c.as_ref().map(|c| &c.bytes[..]),
-        }
+    /// Multiply-adds the check costs (to run it inline or on a blocking thread).
+    pub fn cost(&self) -> usize {
+        self.check.cost(self.tile)
+    }
+
+    /// Freivalds' check of `result`, whose size is `expected`.
+    pub fn verify(&self, result: &[u8]) -> Result<(), verify::Mismatch> {
+        self.check
+            .check(self.tile, self.c.as_ref().map(|c| &c.bytes[..]), result)
     }
 }
 
@@ -408,6 +403,15 @@ impl Grid {
             c_tiles: c_tiles.as_ref().map(|c| c.iter().map(panel).collect()),
             done,
         };
+        let check = Arc::new(verify::JobCheck::new(
+            record.dtype,
+            job.alpha,
+            if c_tiles.is_some() { job.beta } else { 0.0 },
+            plan,
+            a_panels.iter().map(|p| p.bytes.clone()).collect(),
+            b_panels.iter().map(|p| p.bytes.clone()).collect(),
+            &mut rand::rng(),
+        ));
         let mut keys = Vec::new();
         for data in a_panels
             .into_iter()
@@ -428,6 +432,7 @@ impl Grid {
             id,
             LiveJob {
                 record,
+                check,
                 plan,
                 result,
                 keys,
@@ -573,25 +578,17 @@ impl Grid {
         let plan = job.plan;
         let (tiles_i, tiles_j) = (plan.tiles_i() as usize, plan.tiles_j() as usize);
         let (i, j) = (tile.0 as usize, tile.1 as usize);
-        let data = |index: usize| {
-            let key = job.keys.get(index)?;
-            inner.operands.get(key).map(|(data, _)| data.clone())
-        };
         let c = if job.has_c {
-            Some(data(tiles_i + tiles_j + i * tiles_j + j)?)
+            let key = job.keys.get(tiles_i + tiles_j + i * tiles_j + j)?;
+            Some(inner.operands.get(key)?.0.clone())
         } else {
             None
         };
         Some(CheckInputs {
-            dtype: job.record.dtype,
-            m: plan.rows(tile.0).len(),
-            n: plan.cols(tile.1).len(),
-            k: plan.k as usize,
-            alpha: job.record.alpha,
-            beta: if job.has_c { job.record.beta } else { 0.0 },
-            a: data(i)?,
-            b: data(tiles_i + j)?,
+            check: job.check.clone(),
+            tile,
             c,
+            expected: plan.rows(tile.0).len() * plan.cols(tile.1).len() * job.record.dtype.size(),
         })
     }
 

@@ -21,6 +21,7 @@ usage: cargo xtask <command>
                   wasm32 build of shared, shared's tests under wasm32-wasip1 (Node), test
   bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
   bench scheduler scheduler state machine throughput (100k tiles)
+  bench verify    Freivalds' check of every tile as a share of the job's compute (n = 1024..4096)
   bench browser   the kernel in headless Chromium vs natively, first tile, hidden tab, bundle sizes
   bench kernels   our GEMM vs matrixmultiply, the gemm crate and numpy/OpenBLAS, f32 and f64,
                   1 and 2 threads, n = 256 to 4096 (or the sizes given after it)
@@ -61,6 +62,19 @@ fn main() -> anyhow::Result<()> {
                 "--",
             ];
             args.extend_from_slice(sizes);
+            cargo(&args)
+        }
+        ["bench", "verify", rest @ ..] => {
+            let mut args = vec![
+                "run",
+                "--release",
+                "-p",
+                "tabgrid-coordinator",
+                "--example",
+                "bench_verify",
+                "--",
+            ];
+            args.extend_from_slice(rest);
             cargo(&args)
         }
         ["bench", "scheduler"] => {
