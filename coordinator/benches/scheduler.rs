@@ -48,6 +48,7 @@ fn job(id: u64, tiles_i: u32, tiles_j: u32) -> JobTiles {
         b_panels: panels(b'b', tiles_j),
         c_tiles: None,
         done: Vec::new(),
+        quorum: None,
     }
 }
 

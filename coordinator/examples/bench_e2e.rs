@@ -387,6 +387,7 @@ fn resume_time() {
             alpha: 1.0,
             beta: 0.0,
             priority: 0,
+            quorum: None,
             state: JobState::Running,
             tiles_done: 0,
             tiles_total: u64::from(tiles_per_side * tiles_per_side),

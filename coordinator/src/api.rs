@@ -24,6 +24,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, body_error};
 use crate::grid::{NewJob, Progress};
 use crate::npy;
+use crate::scheduler::Quorum;
 use crate::server::{AppState, ServeConfig};
 use crate::store::{JobOperands, JobRecord, JobState};
 
@@ -50,6 +51,18 @@ struct JobSpec {
     priority: i32,
     #[serde(default)]
     name: Option<String>,
+    /// Replication instead of Freivalds' check: each tile computed by `of` workers at
+    /// most, done when `agree` results are equal (for testing the replication path that
+    /// ops without a cheap check use).
+    #[serde(default)]
+    replicas: Option<ReplicasJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicasJson {
+    agree: u32,
+    of: u32,
 }
 
 fn one() -> f64 {
@@ -292,6 +305,19 @@ fn validate(
             config.max_job_bytes
         )));
     }
+    let quorum = match spec.replicas {
+        None => None,
+        Some(ReplicasJson { agree, of })
+            if (2..=16).contains(&agree) && (agree..=16).contains(&of) =>
+        {
+            Some(Quorum { agree, of })
+        }
+        Some(ReplicasJson { agree, of }) => {
+            return Err(ApiError::bad_request(format!(
+                "replicas {{agree: {agree}, of: {of}}}: agree must be 2 to 16 and of from agree to 16"
+            )));
+        }
+    };
     if let Some(name) = &spec.name
         && name.len() > 200
     {
@@ -303,6 +329,7 @@ fn validate(
         alpha: spec.alpha,
         beta: spec.beta,
         priority: spec.priority,
+        quorum,
         operands: JobOperands {
             a: Arc::new(a),
             b: Arc::new(b),
@@ -328,6 +355,7 @@ fn job_json(r: &JobRecord) -> Value {
         "m": r.m, "n": r.n, "k": r.k,
         "alpha": r.alpha, "beta": r.beta,
         "priority": r.priority,
+        "replicas": r.quorum.map(|q| json!({"agree": q.agree, "of": q.of})),
         "created_at": timestamp(r.created_at),
         "finished_at": r.finished_at.map(timestamp),
         "error": r.error,

@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::scheduler::{
-    Command, JobId, JobTiles, LeaseStatus, Millis, Panel, Scheduler, SchedulerConfig, Violation,
-    WorkerId,
+    Command, JobId, JobTiles, LeaseStatus, Millis, Panel, Quorum, Scheduler, SchedulerConfig,
+    Violation, WorkerId,
 };
 use crate::store::{JobOperands, JobRecord, JobState, Store, StoreError, TileWrite};
 use crate::verify;
@@ -78,6 +78,8 @@ pub struct NewJob {
     pub alpha: f64,
     pub beta: f64,
     pub priority: i32,
+    /// Replication instead of Freivalds' check.
+    pub quorum: Option<Quorum>,
     pub operands: JobOperands,
     pub plan: TilePlan,
 }
@@ -164,8 +166,17 @@ impl PreparedJob {
     }
 }
 
+/// A returned copy of a replicated tile.
+struct Replica {
+    worker: WorkerId,
+    digest: [u8; 32],
+    payload: Vec<u8>,
+}
+
 struct LiveJob {
     record: JobRecord,
+    /// Replicated jobs: copies returned per open tile, until enough agree.
+    copies: HashMap<(u32, u32), Vec<Replica>>,
     /// The secret of its results' checks and the work they share.
     check: Arc<verify::JobCheck>,
     plan: TilePlan,
@@ -319,6 +330,7 @@ impl Grid {
             alpha: job.alpha,
             beta: job.beta,
             priority: job.priority,
+            quorum: job.quorum,
             state: JobState::Queued,
             tiles_done: 0,
             tiles_total: plan.tile_count(),
@@ -364,6 +376,7 @@ impl Grid {
                 alpha: record.alpha,
                 beta: record.beta,
                 priority: record.priority,
+                quorum: record.quorum,
                 operands: job.operands,
                 plan: record.plan(),
             });
@@ -402,6 +415,7 @@ impl Grid {
             b_panels: b_panels.iter().map(panel).collect(),
             c_tiles: c_tiles.as_ref().map(|c| c.iter().map(panel).collect()),
             done,
+            quorum: job.quorum,
         };
         let check = Arc::new(verify::JobCheck::new(
             record.dtype,
@@ -432,6 +446,7 @@ impl Grid {
             id,
             LiveJob {
                 record,
+                copies: HashMap::new(),
                 check,
                 plan,
                 result,
@@ -575,6 +590,10 @@ impl Grid {
             return None;
         }
         let job = inner.jobs.get(&job_id)?;
+        if job.record.quorum.is_some() {
+            // Replicated: copies are compared with each other instead.
+            return None;
+        }
         let plan = job.plan;
         let (tiles_i, tiles_j) = (plan.tiles_i() as usize, plan.tiles_j() as usize);
         let (i, j) = (tile.0 as usize, tile.1 as usize);
@@ -650,10 +669,7 @@ impl Grid {
             // Wrong arithmetic: never written. The tile goes back to the queue for another
             // worker, and the connection collects a strike.
             self.metrics.result_refused("verification");
-            let strikes = inner.workers.get_mut(&worker).map_or(0, |conn| {
-                conn.strikes += 1;
-                conn.strikes
-            });
+            let strikes = self.strike(&mut inner, worker);
             tracing::warn!(
                 worker,
                 lease = result.lease,
@@ -667,14 +683,12 @@ impl Grid {
             });
             outcome?;
             if strikes >= STRIKE_LIMIT {
-                if let Some(conn) = inner.workers.get(&worker) {
-                    let subject = conn.info.subject.clone();
-                    inner.banned.insert(subject, Instant::now() + BAN_COOLDOWN);
-                }
-                self.metrics.worker_banned();
                 return Err(ResultError::Banned { strikes });
             }
             return Ok(());
+        }
+        if inner.jobs[&job_id].record.quorum.is_some() {
+            return self.replica(&mut inner, worker, job_id, result, started, now);
         }
         let job = inner.jobs.get_mut(&job_id).expect("checked above");
         job.result.write_block(
@@ -712,6 +726,144 @@ impl Grid {
         });
         outcome?;
         Ok(())
+    }
+
+    /// A copy of a replicated tile: kept until `agree` copies are equal, then written;
+    /// copies that differ from the agreed one count as wrong results for their workers.
+    fn replica(
+        &self,
+        inner: &mut Inner,
+        worker: WorkerId,
+        job_id: JobId,
+        result: TileResult,
+        started: Option<Instant>,
+        now: Millis,
+    ) -> Result<(), ResultError> {
+        let mut outcome = Ok(None);
+        self.step(inner, |s| {
+            outcome = s.returned(worker, result.lease, result.compute_micros, now)
+        });
+        let Some((_, tile)) = outcome? else {
+            return Ok(());
+        };
+        let job = inner
+            .jobs
+            .get_mut(&job_id)
+            .expect("open tiles belong to live jobs");
+        let quorum = job.record.quorum.expect("a replicated job");
+        let digest = *blake3::hash(&result.payload).as_bytes();
+        let copies = job.copies.entry(tile).or_default();
+        copies.push(Replica {
+            worker,
+            digest,
+            payload: result.payload,
+        });
+        let agreed = copies
+            .iter()
+            .map(|c| c.digest)
+            .find(|d| copies.iter().filter(|c| c.digest == *d).count() >= quorum.agree as usize);
+        let Some(agreed) = agreed else {
+            let returned = copies.len() as u32;
+            let wanted = inner
+                .scheduler
+                .copies_wanted(job_id, tile)
+                .unwrap_or(quorum.agree);
+            if returned >= wanted {
+                let mut more = false;
+                self.step(inner, |s| more = s.more_copies(job_id, tile, now));
+                if !more {
+                    let error = format!(
+                        "no {} of {} copies of tile ({}, {}) agreed",
+                        quorum.agree, quorum.of, tile.0, tile.1
+                    );
+                    tracing::warn!(job = job_id, error, "replicated job failed");
+                    self.finish(inner, job_id, JobState::Failed, Some(error));
+                    self.apply(inner);
+                }
+            }
+            return Ok(());
+        };
+        let copies = job.copies.remove(&tile).unwrap_or_default();
+        let (rows, cols) = (job.plan.rows(tile.0), job.plan.cols(tile.1));
+        let payload = &copies
+            .iter()
+            .find(|c| c.digest == agreed)
+            .expect("the agreed digest is a copy's")
+            .payload;
+        job.result.write_block(
+            rows.start as usize,
+            cols.start as usize,
+            rows.len(),
+            cols.len(),
+            payload,
+        );
+        let kept = self.store.tile_accepted(TileWrite {
+            job: job.record.id.clone(),
+            tile,
+            row: rows.start as usize,
+            col: cols.start as usize,
+            rows: rows.len(),
+            cols: cols.len(),
+            width: job.plan.n as usize,
+            payload: payload.clone(),
+        });
+        if let Err(err) = kept {
+            tracing::error!(job = job.record.id, error = %err, "storing a tile failed");
+        }
+        job.record.tiles_done += 1;
+        let progress = job.progress();
+        job.progress.send_replace(progress);
+        self.metrics
+            .tile_accepted(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0));
+        let mut banned_here = None;
+        for copy in &copies {
+            if copy.digest == agreed {
+                if let Some(conn) = inner.workers.get_mut(&copy.worker) {
+                    conn.info.tiles_done += 1;
+                }
+                continue;
+            }
+            self.metrics.result_refused("replication");
+            let strikes = self.strike(inner, copy.worker);
+            tracing::warn!(
+                worker = copy.worker,
+                strikes,
+                "copy differs from the agreed result"
+            );
+            if strikes >= STRIKE_LIMIT {
+                if copy.worker == worker {
+                    banned_here = Some(strikes);
+                } else if let Some(conn) = inner.workers.get(&copy.worker) {
+                    let _ = conn.outbox.send(Outbound::Close {
+                        code: 1008,
+                        reason: ResultError::Banned { strikes }.to_string(),
+                    });
+                }
+            }
+        }
+        self.step(inner, |s| {
+            s.complete(job_id, tile, now);
+        });
+        match banned_here {
+            Some(strikes) => Err(ResultError::Banned { strikes }),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a wrong result against a connection; at the limit its subject is refused
+    /// for [`BAN_COOLDOWN`]. Returns the connection's strikes.
+    fn strike(&self, inner: &mut Inner, worker: WorkerId) -> u32 {
+        let Some(conn) = inner.workers.get_mut(&worker) else {
+            return 0;
+        };
+        conn.strikes += 1;
+        let strikes = conn.strikes;
+        if strikes == STRIKE_LIMIT {
+            let subject = conn.info.subject.clone();
+            inner.banned.insert(subject, Instant::now() + BAN_COOLDOWN);
+            self.metrics.worker_banned();
+        }
+        strikes
     }
 
     /// Advances the clock: expired leases are reassigned, stragglers duplicated.

@@ -19,6 +19,10 @@
 //!   most `max_copies` copies); the first accepted result wins and the others are cancelled.
 //! - The coordinator mirrors each worker's operand cache exactly: it sends a panel only
 //!   when the worker lacks it and tells the worker what to forget when its cache is full.
+//! - A job with a [`Quorum`] (for work with no cheap check) has each tile computed by
+//!   `agree` distinct workers; the grid compares their results ([`Scheduler::returned`])
+//!   and either completes the tile ([`Scheduler::complete`]) or asks for one more copy
+//!   ([`Scheduler::more_copies`]), up to `of` copies.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -66,6 +70,14 @@ pub struct Panel {
     pub bytes: u64,
 }
 
+/// Replication instead of a check: a tile is done when `agree` results from distinct
+/// workers are equal, out of at most `of` copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quorum {
+    pub agree: u32,
+    pub of: u32,
+}
+
 /// What the scheduler needs to know of a job.
 #[derive(Clone, Debug)]
 pub struct JobTiles {
@@ -80,6 +92,8 @@ pub struct JobTiles {
     pub c_tiles: Option<Vec<Panel>>,
     /// Tiles already accepted (a resumed job), row-major.
     pub done: Vec<TileIndex>,
+    /// Replication, for jobs whose results cannot be checked.
+    pub quorum: Option<Quorum>,
 }
 
 /// A decision for the IO layer to carry out, in order.
@@ -191,6 +205,12 @@ struct JobState {
     /// Workers whose result for an open tile failed verification: the tile is never
     /// theirs again.
     refused: HashMap<TileIndex, Vec<WorkerId>>,
+    /// Replicated jobs: copies wanted per open tile (when more than `agree`), and the
+    /// workers computing or done computing a copy (one copy each).
+    wanted: HashMap<TileIndex, u32>,
+    replicas: HashMap<TileIndex, Vec<WorkerId>>,
+    /// Replicated jobs: results returned per open tile, awaiting agreement.
+    returned: HashMap<TileIndex, u32>,
 }
 
 impl JobState {
@@ -216,9 +236,28 @@ impl JobState {
         }
     }
 
-    /// Whether `worker` may compute `tile` (it has not sent a wrong result for it).
+    /// Whether `worker` may compute `tile` (it has not sent a wrong result for it, nor
+    /// holds a copy of a replicated tile).
     fn allowed(&self, tile: TileIndex, worker: WorkerId) -> bool {
-        self.refused.is_empty() || self.refused.get(&tile).is_none_or(|w| !w.contains(&worker))
+        (self.refused.is_empty() || self.refused.get(&tile).is_none_or(|w| !w.contains(&worker)))
+            && (self.replicas.is_empty()
+                || self
+                    .replicas
+                    .get(&tile)
+                    .is_none_or(|w| !w.contains(&worker)))
+    }
+
+    /// Whether an open tile needs another copy handed out: none is running, or for a
+    /// replicated job, fewer are running or returned than wanted.
+    fn short(&self, tile: TileIndex) -> bool {
+        let active = self.active.get(&tile).map_or(0, Vec::len) as u32;
+        match self.tiles.quorum {
+            None => active == 0,
+            Some(q) => {
+                let wanted = self.wanted.get(&tile).copied().unwrap_or(q.agree);
+                active + self.returned.get(&tile).copied().unwrap_or(0) < wanted
+            }
+        }
     }
 
     fn keys(&self, (i, j): TileIndex) -> (Panel, Panel, Option<Panel>) {
@@ -360,6 +399,9 @@ impl Scheduler {
             done_count: 0,
             last_assigned: now,
             refused: HashMap::new(),
+            wanted: HashMap::new(),
+            replicas: HashMap::new(),
+            returned: HashMap::new(),
             tiles,
         };
         for &tile in &job.tiles.done.clone() {
@@ -541,18 +583,117 @@ impl Scheduler {
             LeaseStatus::Active { job, tile } | LeaseStatus::Retired { job, tile } => (job, tile),
         };
         self.forget_lease(worker, lease);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(flops) = self.finish_tile(job_id, tile, Some(lease), now) else {
             return Ok(false);
         };
+        if let Some(w) = self.workers.get_mut(&worker)
+            && compute_micros > 0
+        {
+            let measured = flops / compute_micros as f64 / 1e3;
+            w.gflops = sane_gflops(0.7 * w.gflops + 0.3 * measured);
+        }
+        Ok(true)
+    }
+
+    /// A copy of a replicated tile came back (the grid keeps it until enough agree): the
+    /// lease ends, and the worker's speed estimate learns from `compute_micros`. Returns
+    /// the job and tile, or `None` when the tile is done or its job gone.
+    pub fn returned(
+        &mut self,
+        worker: WorkerId,
+        lease: LeaseId,
+        compute_micros: u64,
+        now: Millis,
+    ) -> Result<Option<(JobId, TileIndex)>, Violation> {
+        let (job_id, tile) = match self.lease(worker, lease)? {
+            LeaseStatus::Active { job, tile } | LeaseStatus::Retired { job, tile } => (job, tile),
+        };
+        self.forget_lease(worker, lease);
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Ok(None);
+        };
+        if job.done[job.tile_slot(tile)] {
+            return Ok(None);
+        }
+        let flops = job.tiles.plan.tile_flops(tile.0, tile.1);
+        if let Some(copies) = job.active.get_mut(&tile) {
+            let before = copies.len();
+            copies.retain(|&l| l != lease);
+            job.active_count -= before - copies.len();
+            if copies.is_empty() {
+                job.active.remove(&tile);
+            }
+        }
+        *job.returned.entry(tile).or_default() += 1;
+        self.leases.remove(&lease);
+        if let Some(w) = self.workers.get_mut(&worker)
+            && compute_micros > 0
+        {
+            let measured = flops / compute_micros as f64 / 1e3;
+            w.gflops = sane_gflops(0.7 * w.gflops + 0.3 * measured);
+        }
+        self.dispatch_idle(now);
+        Ok(Some((job_id, tile)))
+    }
+
+    /// Copies wanted of an open tile of a replicated job.
+    pub fn copies_wanted(&self, job: JobId, tile: TileIndex) -> Option<u32> {
+        let job = self.jobs.get(&job)?;
+        let quorum = job.tiles.quorum?;
+        Some(job.wanted.get(&tile).copied().unwrap_or(quorum.agree))
+    }
+
+    /// Enough copies of a replicated tile agree: it is done, other copies are cancelled.
+    pub fn complete(&mut self, job: JobId, tile: TileIndex, now: Millis) -> bool {
+        self.finish_tile(job, tile, None, now).is_some()
+    }
+
+    /// The copies of a replicated tile returned so far do not agree: one more is handed
+    /// out. False when the quorum's `of` copies were all tried (the grid fails the job).
+    pub fn more_copies(&mut self, job_id: JobId, tile: TileIndex, now: Millis) -> bool {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return false;
+        };
+        let Some(quorum) = job.tiles.quorum else {
+            return false;
+        };
+        let wanted = job.wanted.entry(tile).or_insert(quorum.agree);
+        if *wanted >= quorum.of {
+            return false;
+        }
+        *wanted += 1;
+        if job.short(tile) {
+            job.make_pending(tile);
+        }
+        self.dispatch_idle(now);
+        true
+    }
+
+    /// Marks a tile done, cancels its other copies and completes the job after its last
+    /// tile. Returns the tile's flops, or `None` when it was done already.
+    fn finish_tile(
+        &mut self,
+        job_id: JobId,
+        tile: TileIndex,
+        lease: Option<LeaseId>,
+        now: Millis,
+    ) -> Option<f64> {
+        let job = self.jobs.get_mut(&job_id)?;
         let slot = job.tile_slot(tile);
         if job.done[slot] {
-            return Ok(false);
+            return None;
         }
+        let lease = lease.unwrap_or(0);
         job.done[slot] = true;
         job.done_count += 1;
         job.take_pending(tile);
         if !job.refused.is_empty() {
             job.refused.remove(&tile);
+        }
+        if job.tiles.quorum.is_some() {
+            job.wanted.remove(&tile);
+            job.replicas.remove(&tile);
+            job.returned.remove(&tile);
         }
         let flops = job.tiles.plan.tile_flops(tile.0, tile.1);
         let others = job.active.remove(&tile).unwrap_or_default();
@@ -590,17 +731,11 @@ impl Scheduler {
                 });
             }
         }
-        if let Some(w) = self.workers.get_mut(&worker)
-            && compute_micros > 0
-        {
-            let measured = flops / compute_micros as f64 / 1e3;
-            w.gflops = sane_gflops(0.7 * w.gflops + 0.3 * measured);
-        }
         if complete {
             self.out.push(Command::JobComplete { job: job_id });
         }
         self.dispatch_idle(now);
-        Ok(true)
+        Some(flops)
     }
 
     /// The worker could not compute `lease`, or its result was refused: the tile goes back
@@ -722,7 +857,15 @@ impl Scheduler {
                 job.active.remove(&lease.tile);
             }
         }
-        if !job.done[job.tile_slot(lease.tile)] && !job.active.contains_key(&lease.tile) {
+        if job.tiles.quorum.is_some()
+            && let Some(holders) = job.replicas.get_mut(&lease.tile)
+        {
+            // Its copy never came back: the worker may take the tile again.
+            if let Some(at) = holders.iter().position(|&w| w == lease.worker) {
+                holders.remove(at);
+            }
+        }
+        if !job.done[job.tile_slot(lease.tile)] && job.short(lease.tile) {
             job.make_pending(lease.tile);
         }
     }
@@ -826,12 +969,13 @@ impl Scheduler {
                 }
             }
         }
-        if job.refused.is_empty() {
+        if job.refused.is_empty() && job.replicas.is_empty() {
             let &i = job.nonempty_rows.first()?;
             let &j = job.pending_rows[i as usize].first()?;
             return Some((i, j));
         }
-        // Rare (a wrong result was sent for this job): scan for a tile this worker may take.
+        // A wrong result was sent for this job, or it is replicated: scan for a tile this
+        // worker may take.
         job.nonempty_rows
             .iter()
             .flat_map(|&i| job.pending_rows[i as usize].iter().map(move |&j| (i, j)))
@@ -845,7 +989,7 @@ impl Scheduler {
             return None;
         }
         let mut best: Option<(Reverse<i32>, Millis, JobId, TileIndex)> = None;
-        for (&job_id, job) in &self.jobs {
+        for (&job_id, job) in self.jobs.iter().filter(|(_, j)| j.tiles.quorum.is_none()) {
             for (&tile, copies) in &job.active {
                 if copies.len() >= self.config.max_copies {
                     continue;
@@ -880,7 +1024,6 @@ impl Scheduler {
         now: Millis,
     ) {
         let job = self.jobs.get_mut(&job_id).expect("picked from live jobs");
-        job.take_pending(tile);
         job.last_assigned = now;
         let flops = job.tiles.plan.tile_flops(tile.0, tile.1);
         let (a, b, c) = job.keys(tile);
@@ -888,6 +1031,14 @@ impl Scheduler {
         self.next_lease += 1;
         job.active.entry(tile).or_default().push(id);
         job.active_count += 1;
+        if job.tiles.quorum.is_some() {
+            job.replicas.entry(tile).or_default().push(worker);
+        }
+        if job.short(tile) {
+            job.make_pending(tile);
+        } else {
+            job.take_pending(tile);
+        }
 
         let state = self
             .workers

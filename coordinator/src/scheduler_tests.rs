@@ -49,6 +49,7 @@ fn job_with(id: JobId, priority: i32, plan: TilePlan) -> JobTiles {
             .collect(),
         c_tiles: None,
         done: Vec::new(),
+        quorum: None,
     }
 }
 
@@ -304,6 +305,29 @@ impl Harness {
             v.leases.remove(&lease);
         }
         self.apply()
+    }
+
+    /// `worker` returns its copy of a replicated tile.
+    fn give_back(&mut self, worker: WorkerId, lease: LeaseId) -> Vec<Command> {
+        self.sched
+            .returned(worker, lease, 1000, self.now)
+            .expect("a lease of this worker");
+        if let Some(v) = self.volunteers.get_mut(&worker) {
+            v.leases.remove(&lease);
+        }
+        self.apply()
+    }
+
+    /// The grid found enough agreeing copies of a replicated tile.
+    fn complete(&mut self, job: JobId, tile: TileIndex) -> (bool, Vec<Command>) {
+        let fresh = self.sched.complete(job, tile, self.now);
+        if fresh {
+            assert!(
+                self.accepted.insert((job, tile)),
+                "tile {tile:?} of job {job} accepted twice"
+            );
+        }
+        (fresh, self.apply())
     }
 
     fn tick(&mut self, now: Millis) -> Vec<Command> {
@@ -882,6 +906,58 @@ fn a_refused_worker_takes_tiles_of_another_job() {
     // Job 1 comes first by priority, but its only tile is refused to worker 1.
     let next = only_assignment(&h.ready(1, 1));
     assert_eq!((next.worker, next.job), (1, 2));
+}
+
+#[test]
+fn a_replicated_tile_goes_to_distinct_workers_until_copies_agree() {
+    let mut h = Harness::new(config());
+    let mut replicated = job(1, 0, 1, 1);
+    replicated.quorum = Some(Quorum { agree: 2, of: 3 });
+    h.add_job(replicated);
+    for w in 1..=4 {
+        h.join(w, 1.0, BIG_CACHE);
+    }
+    // Two copies on two workers; the first worker gets no second copy.
+    let first = only_assignment(&h.ready(1, 2));
+    assert_eq!(first.tile, (0, 0));
+    let second = only_assignment(&h.ready(2, 1));
+    assert_eq!(second.worker, 2);
+    // Nothing more is handed out, not even a speculative copy.
+    assert!(h.ready(3, 1).is_empty());
+    assert_eq!(h.sched.copies_wanted(1, (0, 0)), Some(2));
+    h.give_back(1, first.lease);
+    h.give_back(2, second.lease);
+    // The grid finds they differ: a third copy goes to a third worker.
+    assert!(h.sched.more_copies(1, (0, 0), h.now));
+    let third = only_assignment(&h.apply());
+    assert_eq!(third.worker, 3);
+    assert_eq!(h.sched.copies_wanted(1, (0, 0)), Some(3));
+    // No fourth copy: `of` is three.
+    assert!(!h.sched.more_copies(1, (0, 0), h.now));
+    h.give_back(3, third.lease);
+    // Two of the three agree: the tile and the job are done.
+    let (fresh, commands) = h.complete(1, (0, 0));
+    assert!(fresh);
+    assert_eq!(completions(&commands), vec![1]);
+}
+
+#[test]
+fn a_replica_that_never_returns_is_handed_out_again() {
+    let mut h = Harness::new(config());
+    let mut replicated = job(1, 0, 1, 1);
+    replicated.quorum = Some(Quorum { agree: 2, of: 2 });
+    h.add_job(replicated);
+    h.join(1, 1.0, BIG_CACHE);
+    h.join(2, 1.0, BIG_CACHE);
+    let first = only_assignment(&h.ready(1, 1));
+    let second = only_assignment(&h.ready(2, 1));
+    h.give_back(1, first.lease);
+    // Worker 2 fails its copy: the tile is short of a copy again, and only worker 2
+    // (worker 1 has returned one) may take it.
+    h.fail(2, second.lease);
+    assert!(h.ready(1, 1).is_empty());
+    let again = only_assignment(&h.ready(2, 1));
+    assert_eq!((again.worker, again.tile), (2, (0, 0)));
 }
 
 #[test]

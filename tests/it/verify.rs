@@ -210,3 +210,73 @@ async fn late_dropped_and_garbled_results_cost_only_retries() {
     assert!(reassigned >= 1.0, "{metrics}");
     assert!(c.get("/healthz", "").await.status().is_success());
 }
+
+#[tokio::test]
+async fn a_replicated_job_needs_agreeing_copies_and_outvotes_a_cheater() {
+    let c = Coordinator::start(&["--tile-edge", "32"]).await;
+    let t = token("ada", Role::Submitter);
+    let (m, k, n) = (70, 50, 90);
+    let a = random_matrix(m, k, 1);
+    let b = random_matrix(k, n, 2);
+    let spec = |replicas: serde_json::Value| {
+        serde_json::json!({
+            "op": "gemm", "dtype": "f64", "replicas": replicas,
+            "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
+        })
+    };
+    let (status, reply) = c
+        .post_json("/jobs", &t, &spec(serde_json::json!({"agree": 1, "of": 3})))
+        .await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["detail"]
+            .as_str()
+            .unwrap()
+            .contains("agree must be 2 to 16"),
+        "{reply}"
+    );
+
+    // The cheater is alone when the job arrives, so it gets copies first.
+    let _cheater = Worker::start_with(
+        &c.url,
+        &token("mallory", Role::Volunteer),
+        1,
+        &["--chaos", "wrong=1"],
+    );
+    c.wait_workers_connected(1).await;
+    let (status, reply) = c
+        .post_json("/jobs", &t, &spec(serde_json::json!({"agree": 2, "of": 3})))
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+    let job = c.get_json(&format!("/jobs/{id}"), &t).await;
+    assert_eq!(job["replicas"], serde_json::json!({"agree": 2, "of": 3}));
+    let _honest1 = c.worker("honest-1", 1);
+    let _honest2 = c.worker("honest-2", 1);
+    let last = c.wait_job(&id, &t).await;
+    assert_eq!(last["state"], "done", "{last}");
+    let got = c.result_values(&id, &t).await;
+    assert_close(
+        &got,
+        &reference((m, k, n), 1.0, &a, &b, 0.0, None),
+        k,
+        false,
+    );
+    // The cheater's copies disagreed with the honest ones and counted against it.
+    let metrics = c.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "tabgrid_results_refused_total{reason=\"replication\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // No Freivalds check ran on a replicated job.
+    assert_eq!(
+        metric(
+            &metrics,
+            "tabgrid_results_refused_total{reason=\"verification\"}"
+        ),
+        0.0
+    );
+}

@@ -70,6 +70,8 @@ pub struct JobRecord {
     pub alpha: f64,
     pub beta: f64,
     pub priority: i32,
+    /// Replication instead of Freivalds' check (`None`: every tile checked).
+    pub quorum: Option<crate::scheduler::Quorum>,
     pub state: JobState,
     pub tiles_done: u64,
     pub tiles_total: u64,

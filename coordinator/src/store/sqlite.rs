@@ -49,7 +49,8 @@ const OPERANDS: [&str; 3] = ["a.npy", "b.npy", "c.npy"];
 const MAX_BATCH: usize = 512;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id          TEXT PRIMARY KEY NOT NULL,
     owner       TEXT NOT NULL,
@@ -85,7 +86,13 @@ CREATE TABLE tiles (
     sum    BLOB NOT NULL,         -- BLAKE3 of the tile's bytes in partial.npy
     PRIMARY KEY (job_id, ti, tj)
 ) STRICT, WITHOUT ROWID;
-"#];
+"#,
+    r#"
+-- Replication instead of Freivalds' check: agree of `of` copies (NULL: checked).
+ALTER TABLE jobs ADD COLUMN quorum_agree INTEGER;
+ALTER TABLE jobs ADD COLUMN quorum_of INTEGER;
+"#,
+];
 
 /// Settings of the embedded store.
 #[derive(Clone, Copy, Debug, Default)]
@@ -218,7 +225,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 const COLUMNS: &str = "id, owner, name, dtype, m, n, k, tile_m, tile_n, alpha, beta, priority, \
-                       state, tiles_done, tiles_total, created_at, finished_at, error";
+                       state, tiles_done, tiles_total, created_at, finished_at, error, \
+                       quorum_agree, quorum_of";
 
 fn record_from(row: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let dtype: String = row.get(3)?;
@@ -251,6 +259,13 @@ fn record_from(row: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
         created_at: from_micros(row.get(15)?),
         finished_at: finished.map(from_micros),
         error: row.get(17)?,
+        quorum: match (
+            row.get::<_, Option<u32>>(18)?,
+            row.get::<_, Option<u32>>(19)?,
+        ) {
+            (Some(agree), Some(of)) => Some(crate::scheduler::Quorum { agree, of }),
+            _ => None,
+        },
     }))
 }
 
@@ -532,8 +547,9 @@ fn insert_row(
     tx.prepare_cached(
         "INSERT INTO jobs (id, owner, name, dtype, m, n, k, tile_m, tile_n, alpha, beta, \
          priority, state, tiles_done, tiles_total, created_at, finished_at, error, has_c, \
-         a_sum, b_sum, c_sum, result_sum, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
-         ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, NULL, ?23)",
+         a_sum, b_sum, c_sum, result_sum, bytes, quorum_agree, quorum_of) VALUES (?1, ?2, \
+         ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
+         ?22, NULL, ?23, ?24, ?25)",
     )?
     .execute(params![
         job.id,
@@ -559,6 +575,8 @@ fn insert_row(
         sums[1],
         sums.get(2),
         insert.bytes as i64,
+        job.quorum.map(|q| q.agree),
+        job.quorum.map(|q| q.of),
     ])?;
     Ok(())
 }
@@ -1180,6 +1198,7 @@ mod tests {
             alpha: 2.0,
             beta: 0.5,
             priority: 1,
+            quorum: None,
             state: JobState::Queued,
             tiles_done: 0,
             tiles_total: (m.div_ceil(tile) * n.div_ceil(tile)) as u64,
