@@ -14,14 +14,16 @@ use tabgrid_shared::kernels::{self, Element, MatMut, MatRef, ShapeError, referen
 type GemmFn<T> = fn(T, MatRef<'_, T>, MatRef<'_, T>, T, MatMut<'_, T>) -> Result<(), ShapeError>;
 
 fn paths<T: Element>() -> Vec<(&'static str, GemmFn<T>)> {
-    let serial: [(&'static str, GemmFn<T>); 2] = [
+    let serial: [(&'static str, GemmFn<T>); 3] = [
         ("gemm", kernels::gemm::<T>),
         ("gemm_portable", kernels::gemm_portable::<T>),
+        ("gemm_avx2", kernels::gemm_avx2::<T>),
     ];
     #[cfg(feature = "rayon")]
-    let parallel: [(&'static str, GemmFn<T>); 2] = [
+    let parallel: [(&'static str, GemmFn<T>); 3] = [
         ("par_gemm", kernels::par_gemm::<T>),
         ("par_gemm_portable", kernels::par_gemm_portable::<T>),
+        ("par_gemm_avx2", kernels::par_gemm_avx2::<T>),
     ];
     #[cfg(not(feature = "rayon"))]
     let parallel: [(&'static str, GemmFn<T>); 0] = [];
@@ -762,6 +764,14 @@ fn splitting_interleaved_rows_panics() {
 
 #[test]
 fn active_path_names_the_dispatched_kernel() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+    {
+        assert_eq!(kernels::active_path(), "x86_64-avx512f");
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         assert_eq!(kernels::active_path(), "x86_64-avx2-fma");

@@ -576,6 +576,8 @@ enum Path {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     Simd128,
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -584,6 +586,10 @@ enum Path {
 
 impl Path {
     fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if x86_64::available_avx512() {
+            return Path::Avx512;
+        }
         #[cfg(target_arch = "x86_64")]
         if x86_64::available() {
             return Path::Avx2Fma;
@@ -602,11 +608,22 @@ impl Path {
         compiled
     }
 
+    /// AVX2+FMA where the CPU has it, else what `detect` picks.
+    fn avx2_or_detected() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if x86_64::available() {
+            return Path::Avx2Fma;
+        }
+        Path::detect()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Path::Portable => "portable",
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => "x86_64-avx2-fma",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => "x86_64-avx512f",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => "wasm32-simd128",
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -620,6 +637,8 @@ impl Path {
             Path::Portable => portable::tile::<T>(),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => x86_64::tile::<T>(),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => x86_64::tile_avx512::<T>(),
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => wasm32::tile::<T>(),
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -640,6 +659,8 @@ impl Path {
             Path::Portable => portable::gemm(alpha, a, b, beta, c),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => x86_64::gemm(alpha, a, b, beta, c),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => x86_64::gemm_avx512(alpha, a, b, beta, c),
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => wasm32::gemm(alpha, a, b, beta, c),
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -662,6 +683,8 @@ impl Path {
             Path::Portable => portable::block_dispatch(alpha, a, b_packed, beta, c, a_buf),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2Fma => x86_64::block(alpha, a, b_packed, beta, c, a_buf),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => x86_64::block_avx512(alpha, a, b_packed, beta, c, a_buf),
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => wasm32::block(alpha, a, b_packed, beta, c, a_buf),
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -762,6 +785,32 @@ pub fn gemm_portable<T: Element>(
     gemm_with(Path::Portable, alpha, a, b, beta, c)
 }
 
+/// [`gemm`] forced onto the AVX2+FMA path where the CPU has it (so tests on an AVX-512
+/// machine check it too), else the dispatched one.
+#[doc(hidden)]
+pub fn gemm_avx2<T: Element>(
+    alpha: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    beta: T,
+    c: MatMut<'_, T>,
+) -> Result<(), ShapeError> {
+    gemm_with(Path::avx2_or_detected(), alpha, a, b, beta, c)
+}
+
+/// [`par_gemm`] forced onto the AVX2+FMA path where the CPU has it, for tests.
+#[cfg(feature = "rayon")]
+#[doc(hidden)]
+pub fn par_gemm_avx2<T: Element>(
+    alpha: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    beta: T,
+    c: MatMut<'_, T>,
+) -> Result<(), ShapeError> {
+    parallel::par_gemm_with(Path::avx2_or_detected(), alpha, a, b, beta, c)
+}
+
 /// [`gemm`] using the threads of the current rayon pool, each writing its own rows of C (or,
 /// for a column-major C, its own columns).
 ///
@@ -791,7 +840,8 @@ pub fn par_gemm_portable<T: Element>(
     parallel::par_gemm_with(Path::Portable, alpha, a, b, beta, c)
 }
 
-/// Name of the path [`gemm`] takes on this machine: `"x86_64-avx2-fma"`, `"wasm32-simd128"`,
+/// Name of the path [`gemm`] takes on this machine: `"x86_64-avx512f"`, `"x86_64-avx2-fma"`,
+/// `"wasm32-simd128"`,
 /// `"aarch64-neon"` or `"portable"`.
 /// Workers report it so slow or odd results can be traced to a code path.
 pub fn active_path() -> &'static str {

@@ -138,6 +138,7 @@ pub(crate) fn pack_with_width<T: Element>(src: MatRef<'_, T>, width: usize, out:
         8 => pack::<T, 8>(src, out),
         12 => pack::<T, 12>(src, out),
         16 => pack::<T, 16>(src, out),
+        32 => pack::<T, 32>(src, out),
         _ => unreachable!("no path uses a tile {width} wide"),
     }
 }
