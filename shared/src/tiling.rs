@@ -13,10 +13,20 @@ use crate::protocol::MAX_FRAME_BYTES;
 /// Largest operand panel the policy cuts, leaving room in a frame for the header.
 pub const MAX_PANEL_BYTES: usize = MAX_FRAME_BYTES / 2;
 
-/// Edge of the square tiles the policy prefers. At 256 the blocked kernel is already
-/// within a few percent of its large-matrix speed (the k loop dominates), while a 2048²
-/// job still has 64 tiles to spread over workers.
-pub const PREFERRED_EDGE: u32 = 256;
+/// Edge of the square tiles the policy prefers. The kernel needs tiles this big to run
+/// within 10 % of its large-matrix speed on one thread (`cargo run --release -p
+/// tabgrid-shared --features rayon --example tile_speed`, AVX-512 on Zen 5: f32 at
+/// 0.92–0.95 of its 2048³ speed with k = 1024..4096, f64 0.98; at 256 only 0.84–0.87 and
+/// 0.88–0.95).
+pub const PREFERRED_EDGE: u32 = 512;
+
+/// Edges above this are halved (down to it) while a job would have fewer than
+/// [`MIN_TILES`] tiles, so that smaller jobs still spread over several workers.
+pub const SMALL_JOB_EDGE: u32 = 256;
+
+/// Fewest tiles a job is cut into when shrinking the edge (see [`SMALL_JOB_EDGE`]) can
+/// give it that many.
+pub const MIN_TILES: u64 = 16;
 
 /// Why a job cannot be tiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,8 +59,9 @@ impl TilePlan {
         }
     }
 
-    /// The policy: square tiles of [`PREFERRED_EDGE`], shrunk only where a panel of that
-    /// many rows (or columns) of length `k` would not fit in a frame.
+    /// The policy: square tiles of [`PREFERRED_EDGE`], shrunk where a panel of that many
+    /// rows (or columns) of length `k` would not fit in a frame, and halved towards
+    /// [`SMALL_JOB_EDGE`] while the job would have fewer than [`MIN_TILES`] tiles.
     pub fn for_job(m: u32, n: u32, k: u32, dtype: Dtype) -> Result<TilePlan, TilingError> {
         TilePlan::with_edge(m, n, k, dtype, PREFERRED_EDGE)
     }
@@ -74,14 +85,12 @@ impl TilePlan {
         }
         // line <= MAX_PANEL_BYTES, so it fits a usize on every target.
         let fit = (MAX_PANEL_BYTES / (line as usize).max(1)).min(u32::MAX as usize) as u32;
-        let edge = edge.max(1).min(fit);
-        Ok(TilePlan::new(
-            m,
-            n,
-            k,
-            edge.min(m.max(1)),
-            edge.min(n.max(1)),
-        ))
+        let mut edge = edge.max(1).min(fit);
+        let plan = |edge: u32| TilePlan::new(m, n, k, edge.min(m.max(1)), edge.min(n.max(1)));
+        while edge > SMALL_JOB_EDGE && plan(edge).tile_count() < MIN_TILES {
+            edge = (edge / 2).max(SMALL_JOB_EDGE);
+        }
+        Ok(plan(edge))
     }
 
     /// Number of tile rows.
@@ -140,6 +149,24 @@ mod tests {
             assert!(seen.iter().all(|&s| s == 1), "{m}x{n}");
             assert_eq!(plan.tile_count(), plan.tiles().count() as u64);
         }
+    }
+
+    #[test]
+    fn big_jobs_get_big_tiles_and_small_ones_enough_tiles() {
+        let edge = |m, n| {
+            let plan = TilePlan::for_job(m, n, 1024, Dtype::F32).unwrap();
+            (plan.tile_m, plan.tile_n, plan.tile_count())
+        };
+        assert_eq!(edge(4096, 4096), (512, 512, 64));
+        assert_eq!(edge(2048, 2048), (512, 512, 16));
+        // 512 would give 4 tiles: halved to 256 for 16.
+        assert_eq!(edge(1024, 1024), (256, 256, 16));
+        // Never below 256 for the sake of the count, nor above the matrix.
+        assert_eq!(edge(300, 200), (256, 200, 2));
+        assert_eq!(edge(8192, 100), (512, 100, 16));
+        // Explicit small edges are kept.
+        let small = TilePlan::with_edge(1000, 1000, 10, Dtype::F64, 32).unwrap();
+        assert_eq!((small.tile_m, small.tile_count()), (32, 32 * 32));
     }
 
     #[test]
