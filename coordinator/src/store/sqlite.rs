@@ -40,6 +40,9 @@ use crate::npy;
 
 /// The database file in the data dir.
 pub const DB_FILE: &str = "tabgrid.db";
+/// Locked while a store has the data dir open: two coordinators on one data dir would
+/// both resume its jobs.
+const LOCK_FILE: &str = "tabgrid.lock";
 /// The folder of per-job files in the data dir.
 pub const JOBS_DIR: &str = "jobs";
 const PARTIAL: &str = "partial.npy";
@@ -149,6 +152,8 @@ struct Shared {
 /// The SQLite store. See the module docs for what is where.
 pub struct SqliteStore {
     shared: Arc<Shared>,
+    /// Held (an exclusive lock) as long as the store is open.
+    _lock: File,
     /// Reads, submissions and deletions (the writer thread has its own connection).
     conn: Mutex<Connection>,
     /// Serialises submissions, so that two cannot both pass the quota.
@@ -285,6 +290,22 @@ impl SqliteStore {
     /// left half-written, and starts the writer thread.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir.join(JOBS_DIR))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        if let Err(err) = lock.try_lock() {
+            return Err(StoreError::Backend(match err {
+                std::fs::TryLockError::WouldBlock => format!(
+                    "{} is in use by another tabgrid coordinator; give each its own --data-dir",
+                    dir.display()
+                ),
+                std::fs::TryLockError::Error(err) => {
+                    format!("cannot lock {}: {err}", dir.join(LOCK_FILE).display())
+                }
+            }));
+        }
         let db = dir.join(DB_FILE);
         let mut conn = connect(&db)?;
         migrate(&mut conn)?;
@@ -305,6 +326,7 @@ impl SqliteStore {
         };
         Ok(SqliteStore {
             shared,
+            _lock: lock,
             conn: Mutex::new(conn),
             inserting: Mutex::new(()),
             writes: Mutex::new(Some(tx)),
@@ -1374,6 +1396,22 @@ mod tests {
             .insert_job(&record("../x", 4, 4, 2), &operands(4, 4))
             .unwrap_err();
         assert!(err.to_string().contains("not a UUID"), "{err}");
+    }
+
+    #[test]
+    fn one_data_dir_serves_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+        let err = SqliteStore::open(dir.path(), SqliteOptions::default())
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("in use by another tabgrid coordinator"),
+            "{err}"
+        );
+        drop(first);
+        SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
     }
 
     #[test]
