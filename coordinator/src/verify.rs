@@ -15,7 +15,10 @@
 //! band, and `max |B_lc|` over the row (the `W` matrix, `k × (2J+1)`); once per row band
 //! `i`, `X_i = A_i·W` (with `|A_i|` for the bound columns) gives every tile of that band its
 //! expected `A_i·B_j·r_j` and its bounds. A tile's own check is then one pass over its
-//! result (and its C): `O(m·n)`. `cargo xtask bench verify` measures the whole as a share
+//! result (and its C): `O(m·n)`. Where B's rows carry similar weight (each bound column
+//! within a factor of two), the bound columns of `X` are replaced by `Σ_l |A_il|` times
+//! the column's largest entry: an upper bound at most twice the exact one, for J + 1
+//! fewer products per row of A. `cargo xtask bench verify` measures the whole as a share
 //! of the job's compute.
 //!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
@@ -130,11 +133,33 @@ pub struct JobCheck {
     b: Vec<Bytes>,
     /// One entry per result column.
     r: Vec<f64>,
-    /// `(2J + 1) × k`, column by column of `W`: for each band `(B_j·r_j)_l`, then for
-    /// each band `Σ_c |B_lc|`, then `max_c |B_lc|` over the row.
-    w: OnceLock<Vec<f64>>,
-    /// Per row band, `m_i × (2J + 1)`: `A_i·W`, with `|A_i|` for the bound columns.
+    /// What every row band's check needs of B.
+    w: OnceLock<Columns>,
+    /// Per row band, `m_i × width`: `A_i·W`, with `|A_i|` for the bound columns.
     x: Vec<OnceLock<Vec<f64>>>,
+}
+
+/// `W`, `(2J + 1) × k` column by column: for each band `(B_j·r_j)_l`, then for each band
+/// `Σ_c |B_lc|`, then `max_c |B_lc|` over the row.
+#[derive(Debug)]
+struct Columns {
+    w: Vec<f64>,
+    /// Where the rows of B carry similar weight (each bound column's largest entry within
+    /// twice its smallest): per band `max_l Σ_c |B_lc|`, and `max_l max_c |B_lc|`. The
+    /// bounds then come from `Σ_l |A_il|` alone (`S_i ≤ |alpha|·Σ_l |A_il|·max_l Σ_c |B_lc|`,
+    /// at most twice the exact sum), which saves the J + 1 bound columns of `X`.
+    balanced: Option<(Vec<f64>, f64)>,
+}
+
+impl Columns {
+    /// Columns of `X` per row: the J signed ones, then one (`Σ|A_il|`) or J + 1 bounds.
+    fn x_width(&self, bands: usize) -> usize {
+        if self.balanced.is_some() {
+            bands + 1
+        } else {
+            2 * bands + 1
+        }
+    }
 }
 
 /// Converts little-endian elements of `dtype` into `out`.
@@ -189,10 +214,6 @@ impl JobCheck {
         }
     }
 
-    fn width(&self) -> usize {
-        2 * self.plan.tiles_j() as usize + 1
-    }
-
     /// Multiply-adds the next check of a tile in row band `i` costs: the band's share
     /// the first time, then the tile's own pass.
     pub fn cost(&self, (i, j): (u32, u32)) -> usize {
@@ -203,7 +224,7 @@ impl JobCheck {
         );
         let mut cost = 2 * m * n;
         if self.x[i as usize].get().is_none() {
-            cost += m * k * self.width();
+            cost += m * k * (self.plan.tiles_j() as usize + 1);
         }
         if self.w.get().is_none() {
             cost += 3 * k * self.plan.n as usize;
@@ -211,11 +232,11 @@ impl JobCheck {
         cost
     }
 
-    fn w(&self) -> &[f64] {
+    fn w(&self) -> &Columns {
         self.w.get_or_init(|| {
             let k = self.plan.k as usize;
             let bands = self.plan.tiles_j() as usize;
-            let width = self.width();
+            let width = 2 * bands + 1;
             let mut w = vec![0.0; k * width];
             let mut row = Vec::new();
             for (j, panel) in self.b.iter().enumerate() {
@@ -234,17 +255,34 @@ impl JobCheck {
                     *peak = peak.max(max);
                 }
             }
-            w
+            let spread = |column: &[f64]| {
+                let (low, high) = column.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+                (low > 0.0 && high.is_finite() && high <= 2.0 * low).then_some(high)
+            };
+            let bounds = &w[bands * k..];
+            let balanced = bounds
+                .chunks_exact(k.max(1))
+                .map(spread)
+                .collect::<Option<Vec<f64>>>()
+                .filter(|_| k > 0)
+                .map(|mut highs| {
+                    let peak = highs.pop().unwrap_or(0.0);
+                    (highs, peak)
+                });
+            Columns { w, balanced }
         })
     }
 
     fn x(&self, i: u32) -> &[f64] {
         self.x[i as usize].get_or_init(|| {
-            let w = self.w();
+            let columns = self.w();
+            let w = &columns.w;
             let k = self.plan.k as usize;
             let m = self.plan.rows(i).len();
-            let width = self.width();
             let bands = self.plan.tiles_j() as usize;
+            let width = columns.x_width(bands);
             let panel = &self.a[i as usize];
             let mut x = vec![0.0; m * width];
             let (mut row, mut abs) = (Vec::new(), Vec::new());
@@ -252,11 +290,15 @@ impl JobCheck {
                 let bytes = panel.get(r * k * self.dtype.size()..(r + 1) * k * self.dtype.size());
                 let Some(bytes) = bytes else { break };
                 to_f64(self.dtype, bytes, &mut row);
-                abs.clear();
-                abs.extend(row.iter().map(|v| v.abs()));
                 let (signed, bounds) = out.split_at_mut(bands);
                 dots(&row, &w[..bands * k], signed);
-                dots(&abs, &w[bands * k..], bounds);
+                if columns.balanced.is_some() {
+                    bounds[0] = row_stats(&row, &row).1;
+                } else {
+                    abs.clear();
+                    abs.extend(row.iter().map(|v| v.abs()));
+                    dots(&abs, &w[bands * k..], bounds);
+                }
             }
             x
         })
@@ -272,9 +314,10 @@ impl JobCheck {
     ) -> Result<(), Mismatch> {
         let (rows, cols) = (self.plan.rows(i), self.plan.cols(j));
         let (m, n, k) = (rows.len(), cols.len(), self.plan.k as usize);
-        let width = self.width();
         let bands = self.plan.tiles_j() as usize;
         let x = self.x(i);
+        let columns = self.w();
+        let width = columns.x_width(bands);
         let r = &self.r[cols.start as usize..cols.end as usize];
         let unit = match self.dtype {
             Dtype::F32 => f64::from(f32::EPSILON) / 2.0,
@@ -290,8 +333,12 @@ impl JobCheck {
         let mut row = Vec::with_capacity(n);
         for (t, xs) in x.chunks_exact(width).enumerate().take(m) {
             let mut want = self.alpha * xs[j as usize];
-            let mut scale = self.alpha.abs() * xs[bands + j as usize];
-            let mut peak = self.alpha.abs() * xs[2 * bands];
+            let (scale_ab, peak_ab) = match &columns.balanced {
+                Some((sums, peak)) => (xs[bands] * sums[j as usize], xs[bands] * peak),
+                None => (xs[bands + j as usize], xs[2 * bands]),
+            };
+            let mut scale = self.alpha.abs() * scale_ab;
+            let mut peak = self.alpha.abs() * peak_ab;
             if let Some(c) = c {
                 to_f64(
                     self.dtype,
@@ -606,6 +653,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rows_of_b_of_every_weight_take_the_exact_bounds_and_still_judge_right() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for dtype in [Dtype::F32, Dtype::F64] {
+            let mut case = Case::new(dtype, (24, 40, 300), 5, false);
+            // Rows of B a thousand times apart: the balanced shortcut does not apply.
+            let scale = |l: usize| if l.is_multiple_of(3) { 1000.0 } else { 1.0 };
+            let (m, n, k) = (case.m, case.n, case.k);
+            let mut b = match dtype {
+                Dtype::F32 => tabgrid_shared::matrix::f32s(&case.b)
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect::<Vec<f64>>(),
+                Dtype::F64 => tabgrid_shared::matrix::f64s(&case.b),
+            };
+            for (l, row) in b.chunks_exact_mut(n).enumerate() {
+                row.iter_mut().for_each(|v| *v *= scale(l));
+            }
+            let a = match dtype {
+                Dtype::F32 => tabgrid_shared::matrix::f32s(&case.a)
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect::<Vec<f64>>(),
+                Dtype::F64 => tabgrid_shared::matrix::f64s(&case.a),
+            };
+            let mut out = vec![0.0; m * n];
+            gemm_portable(
+                case.alpha,
+                MatRef::row_major(&a, m, k).unwrap(),
+                MatRef::row_major(&b, k, n).unwrap(),
+                0.0,
+                MatMut::row_major(&mut out, m, n).unwrap(),
+            )
+            .unwrap();
+            let bytes = |v: &[f64]| match dtype {
+                Dtype::F32 => f32_bytes(&v.iter().map(|&x| x as f32).collect::<Vec<f32>>()),
+                Dtype::F64 => f64_bytes(v),
+            };
+            case.b = bytes(&b);
+            case.c = None;
+            case.beta = 0.0;
+            case.result = bytes(&out);
+            let plan = TilePlan::new(m as u32, n as u32, k as u32, m as u32, n as u32);
+            let check = JobCheck::new(
+                dtype,
+                case.alpha,
+                0.0,
+                plan,
+                vec![Bytes::from(case.a.clone())],
+                vec![Bytes::from(case.b.clone())],
+                &mut rng,
+            );
+            assert!(check.w().balanced.is_none());
+            assert_eq!(check.check((0, 0), None, &case.result), Ok(()), "{dtype}");
+            case.corrupt(7, 9, if dtype == Dtype::F32 { 0.1 } else { 1e-6 });
+            let err = check
+                .check((0, 0), None, &case.result)
+                .expect_err("a wrong element");
+            assert_eq!(err.row, 7, "{err}");
+        }
+        // Random rows are balanced: the shortcut is what most jobs take.
+        let case = Case::new(Dtype::F32, (8, 256, 512), 1, false);
+        let plan = TilePlan::new(8, 256, 512, 8, 256);
+        let check = JobCheck::new(
+            Dtype::F32,
+            1.0,
+            0.0,
+            plan,
+            vec![Bytes::from(case.a.clone())],
+            vec![Bytes::from(case.b.clone())],
+            &mut rng,
+        );
+        assert!(check.w().balanced.is_some());
     }
 
     #[test]
