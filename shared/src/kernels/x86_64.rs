@@ -1,6 +1,6 @@
 //! The x86_64 paths, chosen at runtime: AVX-512F where the CPU has it, else AVX2+FMA. Each
 //! is the portable blocked driver recompiled under `#[target_feature]` around hand-written
-//! micro-kernels for f32 and f64 (512-bit or 256-bit).
+//! micro-kernels for f32 and f64 (512-bit or 256-bit), all made by the two macros below.
 //!
 //! The micro-kernels use intrinsics because LLVM's vectorization of the portable one is not
 //! dependable once the whole driver is inlined around it: in one build the f32 kernel came
@@ -36,315 +36,255 @@ pub(super) fn available_avx512() -> bool {
     available() && is_x86_feature_detected!("avx512f")
 }
 
-#[cfg(feature = "rayon")]
-pub(super) fn tile_avx512<T>() -> Tile {
-    if size_of::<T>() == 4 {
-        TILE512_32
-    } else {
-        TILE512_64
-    }
-}
-
-/// A 12x32 f32 tile: per step of the inner sum, two 16-lane loads of B and twelve
-/// broadcasts of A feed 24 FMAs into accumulators that never leave registers.
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn kernel512_f32(a: &[f32], b: &[f32]) -> [[f32; 32]; 12] {
-    let mut acc: [[__m512; 2]; 12] = [[_mm512_setzero_ps(); 2]; 12];
-    for (a, b) in a.chunks_exact(12).zip(b.chunks_exact(32)) {
-        // SAFETY: `b` holds exactly 32 floats, so both 16-float loads are in bounds.
-        let (b0, b1) = unsafe {
-            (
-                _mm512_loadu_ps(b.as_ptr()),
-                _mm512_loadu_ps(b.as_ptr().add(16)),
-            )
-        };
-        for (acc, &ai) in acc.iter_mut().zip(a) {
-            let ai = _mm512_set1_ps(ai);
-            acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+/// An `MR x 2·LANES` tile held as `MR x 2` vectors: per step of the inner sum, two loads
+/// of B and `MR` broadcasts of A feed `2·MR` FMAs into accumulators that never leave
+/// registers.
+macro_rules! micro_kernel {
+    ($name:ident, $features:literal, $elem:ty, $vec:ty, $mr:expr, $lanes:expr,
+     $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident) => {
+        #[target_feature(enable = $features)]
+        fn $name(a: &[$elem], b: &[$elem]) -> [[$elem; 2 * $lanes]; $mr] {
+            let mut acc: [[$vec; 2]; $mr] = [[$zero(); 2]; $mr];
+            for (a, b) in a.chunks_exact($mr).zip(b.chunks_exact(2 * $lanes)) {
+                // SAFETY: `b` holds exactly 2·LANES elements, so both loads are in bounds.
+                let (b0, b1) = unsafe { ($load(b.as_ptr()), $load(b.as_ptr().add($lanes))) };
+                for (acc, &ai) in acc.iter_mut().zip(a) {
+                    let ai = $splat(ai);
+                    acc[0] = $fma(ai, b0, acc[0]);
+                    acc[1] = $fma(ai, b1, acc[1]);
+                }
+            }
+            let mut out = [[0.0; 2 * $lanes]; $mr];
+            for (out, acc) in out.iter_mut().zip(&acc) {
+                // SAFETY: `out` holds exactly 2·LANES elements, so both stores are in bounds.
+                unsafe {
+                    $store(out.as_mut_ptr(), acc[0]);
+                    $store(out.as_mut_ptr().add($lanes), acc[1]);
+                }
+            }
+            out
         }
-    }
-    let mut out = [[0.0; 32]; 12];
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        // SAFETY: `out` holds exactly 32 floats, so both 16-float stores are in bounds.
-        unsafe {
-            _mm512_storeu_ps(out.as_mut_ptr(), acc[0]);
-            _mm512_storeu_ps(out.as_mut_ptr().add(16), acc[1]);
+    };
+}
+
+micro_kernel!(
+    kernel_f32,
+    "avx2,fma",
+    f32,
+    __m256,
+    6,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_storeu_ps
+);
+micro_kernel!(
+    kernel_f64,
+    "avx2,fma",
+    f64,
+    __m256d,
+    6,
+    4,
+    _mm256_setzero_pd,
+    _mm256_loadu_pd,
+    _mm256_set1_pd,
+    _mm256_fmadd_pd,
+    _mm256_storeu_pd
+);
+micro_kernel!(
+    kernel512_f32,
+    "avx512f,avx2,fma",
+    f32,
+    __m512,
+    12,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_storeu_ps
+);
+micro_kernel!(
+    kernel512_f64,
+    "avx512f,avx2,fma",
+    f64,
+    __m512d,
+    12,
+    8,
+    _mm512_setzero_pd,
+    _mm512_loadu_pd,
+    _mm512_set1_pd,
+    _mm512_fmadd_pd,
+    _mm512_storeu_pd
+);
+
+/// A path: a token type whose value exists only where `$available()` returned true (which
+/// is what lets its safe methods call the `#[target_feature]` kernels), its `MicroKernel`
+/// for each element size, and the driver entry points (`$gemm`, `$block`, `$tile`)
+/// inlined into functions compiled for `$features`, so packing and stores use the wide
+/// instructions as well.
+macro_rules! x86_path {
+    ($path:ident, $features:literal, $available:ident, $t32:ident, $t64:ident,
+     $k32:ident, $k64:ident, $tile:ident, $gemm:ident, $gemm_tf:ident, $block:ident,
+     $block_tf:ident) => {
+        #[derive(Clone, Copy, Debug)]
+        struct $path(());
+
+        impl $path {
+            fn new() -> Self {
+                assert!(
+                    $available(),
+                    concat!("the ", $features, " kernel was chosen on a CPU without it")
+                );
+                $path(())
+            }
         }
-    }
-    out
-}
 
-/// A 12x16 f64 tile; the f32 kernel's shape with 8-lane vectors.
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn kernel512_f64(a: &[f64], b: &[f64]) -> [[f64; 16]; 12] {
-    let mut acc: [[__m512d; 2]; 12] = [[_mm512_setzero_pd(); 2]; 12];
-    for (a, b) in a.chunks_exact(12).zip(b.chunks_exact(16)) {
-        // SAFETY: `b` holds exactly 16 doubles, so both 8-double loads are in bounds.
-        let (b0, b1) = unsafe {
-            (
-                _mm512_loadu_pd(b.as_ptr()),
-                _mm512_loadu_pd(b.as_ptr().add(8)),
-            )
-        };
-        for (acc, &ai) in acc.iter_mut().zip(a) {
-            let ai = _mm512_set1_pd(ai);
-            acc[0] = _mm512_fmadd_pd(ai, b0, acc[0]);
-            acc[1] = _mm512_fmadd_pd(ai, b1, acc[1]);
+        impl<T: Element> MicroKernel<T, { $t32.mr }, { $t32.nr }> for $path {
+            const PREFETCHES: bool = true;
+
+            #[inline(always)]
+            fn run(self, a: &[T], b: &[T]) -> [[T; $t32.nr]; $t32.mr] {
+                if TypeId::of::<T>() != TypeId::of::<f32>() {
+                    // Another 4-byte element type: the portable loops, still compiled with
+                    // this path's features here.
+                    return Portable.run(a, b);
+                }
+                // SAFETY: `self` exists, so the CPU has the kernel's features (see `new`).
+                same_value(unsafe { $k32(same_slice(a), same_slice(b)) })
+            }
+
+            #[inline(always)]
+            fn prefetch_c_row(self, first: &T, last: &T) {
+                prefetch(first, last);
+            }
         }
-    }
-    let mut out = [[0.0; 16]; 12];
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        // SAFETY: `out` holds exactly 16 doubles, so both 8-double stores are in bounds.
-        unsafe {
-            _mm512_storeu_pd(out.as_mut_ptr(), acc[0]);
-            _mm512_storeu_pd(out.as_mut_ptr().add(8), acc[1]);
+
+        impl<T: Element> MicroKernel<T, { $t64.mr }, { $t64.nr }> for $path {
+            const PREFETCHES: bool = true;
+
+            #[inline(always)]
+            fn run(self, a: &[T], b: &[T]) -> [[T; $t64.nr]; $t64.mr] {
+                if TypeId::of::<T>() != TypeId::of::<f64>() {
+                    return Portable.run(a, b);
+                }
+                // SAFETY: `self` exists, so the CPU has the kernel's features (see `new`).
+                same_value(unsafe { $k64(same_slice(a), same_slice(b)) })
+            }
+
+            #[inline(always)]
+            fn prefetch_c_row(self, first: &T, last: &T) {
+                prefetch(first, last);
+            }
         }
-    }
-    out
-}
 
-/// The AVX-512F micro-kernels. A value exists only where `available_avx512()` returned
-/// true, which is what lets its safe methods call the `#[target_feature]` kernels.
-#[derive(Clone, Copy, Debug)]
-struct Avx512(());
-
-impl Avx512 {
-    fn new() -> Self {
-        assert!(
-            available_avx512(),
-            "the AVX-512 kernel was chosen on a CPU without AVX-512F"
-        );
-        Avx512(())
-    }
-}
-
-impl<T: Element> MicroKernel<T, { TILE512_32.mr }, { TILE512_32.nr }> for Avx512 {
-    const PREFETCHES: bool = true;
-
-    #[inline(always)]
-    fn run(self, a: &[T], b: &[T]) -> [[T; TILE512_32.nr]; TILE512_32.mr] {
-        if TypeId::of::<T>() != TypeId::of::<f32>() {
-            return Portable.run(a, b);
+        #[cfg(feature = "rayon")]
+        pub(super) fn $tile<T>() -> Tile {
+            if size_of::<T>() == 4 { $t32 } else { $t64 }
         }
-        // SAFETY: `self` exists, so the CPU has AVX-512F (see `Avx512::new`).
-        same_value(unsafe { kernel512_f32(same_slice(a), same_slice(b)) })
-    }
 
-    #[inline(always)]
-    fn prefetch_c_row(self, first: &T, last: &T) {
-        prefetch(first, last);
-    }
-}
-
-impl<T: Element> MicroKernel<T, { TILE512_64.mr }, { TILE512_64.nr }> for Avx512 {
-    const PREFETCHES: bool = true;
-
-    #[inline(always)]
-    fn run(self, a: &[T], b: &[T]) -> [[T; TILE512_64.nr]; TILE512_64.mr] {
-        if TypeId::of::<T>() != TypeId::of::<f64>() {
-            return Portable.run(a, b);
+        pub(super) fn $gemm<T: Element>(
+            alpha: T,
+            a: MatRef<'_, T>,
+            b: MatRef<'_, T>,
+            beta: T,
+            c: MatMut<'_, T>,
+        ) {
+            let kernel = $path::new();
+            // SAFETY: the function only requires the CPU features that `new` has just
+            // confirmed.
+            unsafe { $gemm_tf(kernel, alpha, a, b, beta, c) }
         }
-        // SAFETY: `self` exists, so the CPU has AVX-512F (see `Avx512::new`).
-        same_value(unsafe { kernel512_f64(same_slice(a), same_slice(b)) })
-    }
 
-    #[inline(always)]
-    fn prefetch_c_row(self, first: &T, last: &T) {
-        prefetch(first, last);
-    }
-}
-
-pub(super) fn gemm_avx512<T: Element>(
-    alpha: T,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    beta: T,
-    c: MatMut<'_, T>,
-) {
-    let kernel = Avx512::new();
-    // SAFETY: `gemm_avx512f` only requires that the CPU executes AVX-512F, AVX2 and FMA
-    // instructions, which `Avx512::new` has just confirmed.
-    unsafe { gemm_avx512f(kernel, alpha, a, b, beta, c) }
-}
-
-/// The portable driver inlined into a function compiled for AVX-512F.
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn gemm_avx512f<T: Element>(
-    kernel: Avx512,
-    alpha: T,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    beta: T,
-    c: MatMut<'_, T>,
-) {
-    if size_of::<T>() == 4 {
-        portable::gemm_blocked::<T, { TILE512_32.mr }, { TILE512_32.nr }, _>(
-            alpha, a, b, beta, c, kernel,
-        )
-    } else {
-        portable::gemm_blocked::<T, { TILE512_64.mr }, { TILE512_64.nr }, _>(
-            alpha, a, b, beta, c, kernel,
-        )
-    }
-}
-
-#[cfg(feature = "rayon")]
-pub(super) fn block_avx512<T: Element>(
-    alpha: T,
-    a: MatRef<'_, T>,
-    b_packed: &[T],
-    beta: Option<T>,
-    c: MatMut<'_, T>,
-    a_buf: &mut Vec<T>,
-) {
-    let kernel = Avx512::new();
-    // SAFETY: `block_avx512f` only requires that the CPU executes AVX-512F, AVX2 and FMA
-    // instructions, which `Avx512::new` has just confirmed.
-    unsafe { block_avx512f(kernel, alpha, a, b_packed, beta, c, a_buf) }
-}
-
-#[cfg(feature = "rayon")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn block_avx512f<T: Element>(
-    kernel: Avx512,
-    alpha: T,
-    a: MatRef<'_, T>,
-    b_packed: &[T],
-    beta: Option<T>,
-    c: MatMut<'_, T>,
-    a_buf: &mut Vec<T>,
-) {
-    if size_of::<T>() == 4 {
-        portable::block::<T, { TILE512_32.mr }, { TILE512_32.nr }, _>(
-            alpha, a, b_packed, beta, c, a_buf, kernel,
-        )
-    } else {
-        portable::block::<T, { TILE512_64.mr }, { TILE512_64.nr }, _>(
-            alpha, a, b_packed, beta, c, a_buf, kernel,
-        )
-    }
-}
-
-#[cfg(feature = "rayon")]
-pub(super) fn tile<T>() -> Tile {
-    if size_of::<T>() == 4 {
-        TILE_32
-    } else {
-        TILE_64
-    }
-}
-
-/// A 6x16 f32 tile: per step of the inner sum, two 8-lane loads of B and six broadcasts of A
-/// feed twelve FMAs into accumulators that never leave registers.
-#[target_feature(enable = "avx2,fma")]
-fn kernel_f32(a: &[f32], b: &[f32]) -> [[f32; 16]; 6] {
-    let mut acc: [[__m256; 2]; 6] = [[_mm256_setzero_ps(); 2]; 6];
-    for (a, b) in a.chunks_exact(6).zip(b.chunks_exact(16)) {
-        // SAFETY: `b` holds exactly 16 floats, so both 8-float loads are in bounds.
-        let (b0, b1) = unsafe {
-            (
-                _mm256_loadu_ps(b.as_ptr()),
-                _mm256_loadu_ps(b.as_ptr().add(8)),
-            )
-        };
-        for (acc, &ai) in acc.iter_mut().zip(a) {
-            let ai = _mm256_set1_ps(ai);
-            acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
-            acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
+        #[target_feature(enable = $features)]
+        fn $gemm_tf<T: Element>(
+            kernel: $path,
+            alpha: T,
+            a: MatRef<'_, T>,
+            b: MatRef<'_, T>,
+            beta: T,
+            c: MatMut<'_, T>,
+        ) {
+            if size_of::<T>() == 4 {
+                portable::gemm_blocked::<T, { $t32.mr }, { $t32.nr }, _>(
+                    alpha, a, b, beta, c, kernel,
+                )
+            } else {
+                portable::gemm_blocked::<T, { $t64.mr }, { $t64.nr }, _>(
+                    alpha, a, b, beta, c, kernel,
+                )
+            }
         }
-    }
-    let mut out = [[0.0; 16]; 6];
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        // SAFETY: `out` holds exactly 16 floats, so both 8-float stores are in bounds.
-        unsafe {
-            _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+
+        #[cfg(feature = "rayon")]
+        pub(super) fn $block<T: Element>(
+            alpha: T,
+            a: MatRef<'_, T>,
+            b_packed: &[T],
+            beta: Option<T>,
+            c: MatMut<'_, T>,
+            a_buf: &mut Vec<T>,
+        ) {
+            let kernel = $path::new();
+            // SAFETY: the function only requires the CPU features that `new` has just
+            // confirmed.
+            unsafe { $block_tf(kernel, alpha, a, b_packed, beta, c, a_buf) }
         }
-    }
-    out
+
+        #[cfg(feature = "rayon")]
+        #[target_feature(enable = $features)]
+        fn $block_tf<T: Element>(
+            kernel: $path,
+            alpha: T,
+            a: MatRef<'_, T>,
+            b_packed: &[T],
+            beta: Option<T>,
+            c: MatMut<'_, T>,
+            a_buf: &mut Vec<T>,
+        ) {
+            if size_of::<T>() == 4 {
+                portable::block::<T, { $t32.mr }, { $t32.nr }, _>(
+                    alpha, a, b_packed, beta, c, a_buf, kernel,
+                )
+            } else {
+                portable::block::<T, { $t64.mr }, { $t64.nr }, _>(
+                    alpha, a, b_packed, beta, c, a_buf, kernel,
+                )
+            }
+        }
+    };
 }
 
-/// A 6x8 f64 tile; the f32 kernel's shape with 4-lane vectors.
-#[target_feature(enable = "avx2,fma")]
-fn kernel_f64(a: &[f64], b: &[f64]) -> [[f64; 8]; 6] {
-    let mut acc: [[__m256d; 2]; 6] = [[_mm256_setzero_pd(); 2]; 6];
-    for (a, b) in a.chunks_exact(6).zip(b.chunks_exact(8)) {
-        // SAFETY: `b` holds exactly 8 doubles, so both 4-double loads are in bounds.
-        let (b0, b1) = unsafe {
-            (
-                _mm256_loadu_pd(b.as_ptr()),
-                _mm256_loadu_pd(b.as_ptr().add(4)),
-            )
-        };
-        for (acc, &ai) in acc.iter_mut().zip(a) {
-            let ai = _mm256_set1_pd(ai);
-            acc[0] = _mm256_fmadd_pd(ai, b0, acc[0]);
-            acc[1] = _mm256_fmadd_pd(ai, b1, acc[1]);
-        }
-    }
-    let mut out = [[0.0; 8]; 6];
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        // SAFETY: `out` holds exactly 8 doubles, so both 4-double stores are in bounds.
-        unsafe {
-            _mm256_storeu_pd(out.as_mut_ptr(), acc[0]);
-            _mm256_storeu_pd(out.as_mut_ptr().add(4), acc[1]);
-        }
-    }
-    out
-}
-
-/// The AVX2+FMA micro-kernels. A value exists only where `available()` returned true, which
-/// is what lets its safe methods call the `#[target_feature]` kernels.
-#[derive(Clone, Copy, Debug)]
-struct Avx2Fma(());
-
-impl Avx2Fma {
-    fn new() -> Self {
-        assert!(
-            available(),
-            "the AVX2+FMA kernel was chosen on a CPU without AVX2 and FMA"
-        );
-        Avx2Fma(())
-    }
-}
-
-impl<T: Element> MicroKernel<T, { TILE_32.mr }, { TILE_32.nr }> for Avx2Fma {
-    const PREFETCHES: bool = true;
-
-    #[inline(always)]
-    fn run(self, a: &[T], b: &[T]) -> [[T; TILE_32.nr]; TILE_32.mr] {
-        if TypeId::of::<T>() != TypeId::of::<f32>() {
-            // Another 4-byte element type: the portable loops, still compiled with AVX2 here.
-            return Portable.run(a, b);
-        }
-        // SAFETY: `self` exists, so the CPU has AVX2 and FMA (see `Avx2Fma::new`).
-        same_value(unsafe { kernel_f32(same_slice(a), same_slice(b)) })
-    }
-
-    #[inline(always)]
-    fn prefetch_c_row(self, first: &T, last: &T) {
-        prefetch(first, last);
-    }
-}
-
-impl<T: Element> MicroKernel<T, { TILE_64.mr }, { TILE_64.nr }> for Avx2Fma {
-    const PREFETCHES: bool = true;
-
-    #[inline(always)]
-    fn run(self, a: &[T], b: &[T]) -> [[T; TILE_64.nr]; TILE_64.mr] {
-        if TypeId::of::<T>() != TypeId::of::<f64>() {
-            return Portable.run(a, b);
-        }
-        // SAFETY: `self` exists, so the CPU has AVX2 and FMA (see `Avx2Fma::new`).
-        same_value(unsafe { kernel_f64(same_slice(a), same_slice(b)) })
-    }
-
-    #[inline(always)]
-    fn prefetch_c_row(self, first: &T, last: &T) {
-        prefetch(first, last);
-    }
-}
+x86_path!(
+    Avx2Fma,
+    "avx2,fma",
+    available,
+    TILE_32,
+    TILE_64,
+    kernel_f32,
+    kernel_f64,
+    tile,
+    gemm,
+    gemm_avx2_fma,
+    block,
+    block_avx2_fma
+);
+x86_path!(
+    Avx512,
+    "avx512f,avx2,fma",
+    available_avx512,
+    TILE512_32,
+    TILE512_64,
+    kernel512_f32,
+    kernel512_f64,
+    tile_avx512,
+    gemm_avx512,
+    gemm_avx512f,
+    block_avx512,
+    block_avx512f
+);
 
 #[inline(always)]
 fn prefetch<T>(first: &T, last: &T) {
@@ -353,73 +293,5 @@ fn prefetch<T>(first: &T, last: &T) {
     unsafe {
         _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(first).cast());
         _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(last).cast());
-    }
-}
-
-pub(super) fn gemm<T: Element>(
-    alpha: T,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    beta: T,
-    c: MatMut<'_, T>,
-) {
-    let kernel = Avx2Fma::new();
-    // SAFETY: `gemm_avx2_fma` only requires that the CPU executes AVX2 and FMA instructions,
-    // which `Avx2Fma::new` has just confirmed.
-    unsafe { gemm_avx2_fma(kernel, alpha, a, b, beta, c) }
-}
-
-/// The portable driver inlined into a function compiled for AVX2 and FMA, so its packing and
-/// stores use 256-bit instructions as well.
-#[target_feature(enable = "avx2,fma")]
-fn gemm_avx2_fma<T: Element>(
-    kernel: Avx2Fma,
-    alpha: T,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    beta: T,
-    c: MatMut<'_, T>,
-) {
-    if size_of::<T>() == 4 {
-        portable::gemm_blocked::<T, { TILE_32.mr }, { TILE_32.nr }, _>(alpha, a, b, beta, c, kernel)
-    } else {
-        portable::gemm_blocked::<T, { TILE_64.mr }, { TILE_64.nr }, _>(alpha, a, b, beta, c, kernel)
-    }
-}
-
-#[cfg(feature = "rayon")]
-pub(super) fn block<T: Element>(
-    alpha: T,
-    a: MatRef<'_, T>,
-    b_packed: &[T],
-    beta: Option<T>,
-    c: MatMut<'_, T>,
-    a_buf: &mut Vec<T>,
-) {
-    let kernel = Avx2Fma::new();
-    // SAFETY: `block_avx2_fma` only requires that the CPU executes AVX2 and FMA instructions,
-    // which `Avx2Fma::new` has just confirmed.
-    unsafe { block_avx2_fma(kernel, alpha, a, b_packed, beta, c, a_buf) }
-}
-
-#[cfg(feature = "rayon")]
-#[target_feature(enable = "avx2,fma")]
-fn block_avx2_fma<T: Element>(
-    kernel: Avx2Fma,
-    alpha: T,
-    a: MatRef<'_, T>,
-    b_packed: &[T],
-    beta: Option<T>,
-    c: MatMut<'_, T>,
-    a_buf: &mut Vec<T>,
-) {
-    if size_of::<T>() == 4 {
-        portable::block::<T, { TILE_32.mr }, { TILE_32.nr }, _>(
-            alpha, a, b_packed, beta, c, a_buf, kernel,
-        )
-    } else {
-        portable::block::<T, { TILE_64.mr }, { TILE_64.nr }, _>(
-            alpha, a, b_packed, beta, c, a_buf, kernel,
-        )
     }
 }
