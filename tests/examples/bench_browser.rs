@@ -165,7 +165,7 @@ async fn hidden_vs_visible(c: &Coordinator, browser: &Browser, bearer: &str) {
         ratio.push(pair[1] / pair[0]);
     }
     println!(
-        "\n## Hidden vs visible tab\n\nf32 2048x1024x2048 job (64 tiles), one tab with 2 threads, submission to done, {ROUNDS} rounds:\n\n| | GFLOP/s (median) |\n|---|---|\n| visible | {:.1} |\n| hidden | {:.1} |\n| **hidden / visible** | **{:.2}** |",
+        "\n## Hidden vs visible tab\n\nf32 2048x1024x2048 job (tiles by the policy), one tab with 2 threads, submission to done, {ROUNDS} rounds:\n\n| | GFLOP/s (median) |\n|---|---|\n| visible | {:.1} |\n| hidden | {:.1} |\n| **hidden / visible** | **{:.2}** |",
         median(&mut visible),
         median(&mut hidden),
         median(&mut ratio)

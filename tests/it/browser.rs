@@ -61,7 +61,9 @@ async fn one_tab_computes_jobs_on_threads() {
 
 #[tokio::test]
 async fn a_tab_and_a_native_worker_share_one_job() {
-    let c = Coordinator::start(&[]).await;
+    // Tiles of 256 (the policy would cut this job into 16 of 512, which the native worker
+    // can take all of before the tab has its first panels).
+    let c = Coordinator::start(&["--tile-edge", "256"]).await;
     let _native = c.worker("native", 1);
     let browser = Browser::launch(&[]).await;
     let page = browser.open(&format!("{}/?threads=1", c.url), false).await;
