@@ -153,6 +153,9 @@ impl Durable {
 pub enum StoreError {
     #[error("job {0} not found")]
     NotFound(String),
+    /// The data dir holds no store.
+    #[error("{0}")]
+    NoStore(String),
     /// The data dir's quota cannot hold a new job.
     #[error(
         "the coordinator's storage is full: this job needs {needed} bytes and {free} of the {quota}-byte quota are free"

@@ -1100,7 +1100,7 @@ pub struct BackupSummary {
 pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupSummary, StoreError> {
     let db = data_dir.join(DB_FILE);
     if !db.is_file() {
-        return Err(StoreError::NotFound(format!(
+        return Err(StoreError::NoStore(format!(
             "{}: no tabgrid store there",
             db.display()
         )));
