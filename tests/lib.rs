@@ -20,6 +20,7 @@ use tabgrid_shared::claims::{Claims, Role};
 use tokio::sync::broadcast;
 
 pub mod browser;
+pub mod postgres;
 
 /// The secret every test coordinator signs with, so tests mint tokens themselves.
 pub const SECRET: &str = "tabgrid-test-secret";
@@ -420,6 +421,12 @@ impl Coordinator {
     /// Starts a native worker process with `threads` threads and a fresh volunteer token.
     pub fn worker(&self, name: &str, threads: usize) -> Worker {
         Worker::start(&self.url, &token(name, Role::Volunteer), threads)
+    }
+
+    /// SIGKILL: no goodbye, nothing flushed.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     pub fn alive(&mut self) -> bool {

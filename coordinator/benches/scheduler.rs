@@ -49,6 +49,7 @@ fn job(id: u64, tiles_i: u32, tiles_j: u32) -> JobTiles {
         c_tiles: None,
         done: Vec::new(),
         quorum: None,
+        held: None,
     }
 }
 

@@ -492,6 +492,9 @@ fn progress_event(id: &str, p: &Progress) -> Event {
     Event::default().event("progress").data(data.to_string())
 }
 
+/// How often a job's events follow the store while the job is not running here.
+const STORE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// `GET /api/v1/jobs/{id}/events`: one `progress` event per change, ending after the job
 /// reaches a final state.
 pub async fn events(
@@ -507,18 +510,49 @@ pub async fn events(
         tiles_total: record.tiles_total,
         error: record.error.clone(),
     };
-    // (next progress to send, receiver, finished)
+    let grid = state.grid.clone();
+    // (next progress to send, receiver, last progress sent, finished)
     let stream = futures_util::stream::unfold(
-        (Some(first), receiver, false),
-        move |(next, mut rx, done)| {
-            let id = id.clone();
+        (Some(first), receiver, None::<Progress>, false),
+        move |(next, mut rx, mut last, done)| {
+            let (id, grid) = (id.clone(), grid.clone());
             async move {
                 if done {
                     return None;
                 }
                 if let Some(p) = next {
-                    let finished = p.state.is_terminal() || rx.is_none();
-                    return Some((Ok(progress_event(&id, &p)), (None, rx, finished)));
+                    let finished = p.state.is_terminal();
+                    return Some((Ok(progress_event(&id, &p)), (None, rx, Some(p), finished)));
+                }
+                if rx.is_none() {
+                    // Not running here: on a shared store another coordinator runs it (this
+                    // one takes it up within a poll); follow the store meanwhile.
+                    loop {
+                        tokio::time::sleep(STORE_POLL).await;
+                        rx = grid.subscribe(&id);
+                        if rx.is_some() {
+                            break;
+                        }
+                        let lookup = grid.clone();
+                        let key = id.clone();
+                        let record = tokio::task::spawn_blocking(move || lookup.store().job(&key))
+                            .await
+                            .ok()?
+                            .ok()??;
+                        let p = Progress {
+                            state: record.state,
+                            tiles_done: record.tiles_done,
+                            tiles_total: record.tiles_total,
+                            error: record.error,
+                        };
+                        if last.as_ref() != Some(&p) {
+                            let finished = p.state.is_terminal();
+                            return Some((
+                                Ok(progress_event(&id, &p)),
+                                (None, None, Some(p), finished),
+                            ));
+                        }
+                    }
                 }
                 let receiver = rx.as_mut()?;
                 let p = match receiver.changed().await {
@@ -526,8 +560,9 @@ pub async fn events(
                     // The job left the grid; its last value was already marked changed.
                     Err(_) => receiver.borrow().clone(),
                 };
+                last = Some(p.clone());
                 let finished = p.state.is_terminal();
-                Some((Ok(progress_event(&id, &p)), (None, rx, finished)))
+                Some((Ok(progress_event(&id, &p)), (None, rx, last, finished)))
             }
         },
     );

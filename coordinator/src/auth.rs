@@ -32,6 +32,11 @@ impl Secret {
         Secret(bytes.into())
     }
 
+    /// The secret as text (as it is stored).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+
     /// A fresh random secret (256 bits, hex).
     pub fn generate() -> Secret {
         let bytes: [u8; 32] = rand::random();

@@ -22,7 +22,7 @@ use crate::scheduler::{
     Command, JobId, JobTiles, LeaseStatus, Millis, Panel, Quorum, Scheduler, SchedulerConfig,
     Violation, WorkerId,
 };
-use crate::store::{JobOperands, JobRecord, JobState, Store, StoreError, TileWrite};
+use crate::store::{JobOperands, JobRecord, JobState, LeaseIssued, Store, StoreError, TileWrite};
 use crate::verify;
 
 /// An operand panel ready to send: shared by every worker that needs it.
@@ -217,7 +217,17 @@ struct Inner {
     operands: HashMap<OperandKey, (Arc<OperandData>, usize)>,
     next_job: JobId,
     next_worker: WorkerId,
+    /// Coordinators sharing one database: a job's tiles are handed out only once claimed
+    /// there ([`Grid::offer`]), accepted tiles live in the store alone, and a job ends when
+    /// the store says so.
+    shared: bool,
+    /// Jobs that ended here lately (a shared store may still list them as running for a
+    /// moment; they must not be taken up again).
+    ended: std::collections::VecDeque<String>,
 }
+
+/// Jobs remembered in [`Inner::ended`].
+const ENDED_REMEMBERED: usize = 1024;
 
 /// Why a result was refused in a way that ends the worker's connection.
 #[derive(Debug, thiserror::Error)]
@@ -285,11 +295,19 @@ impl Grid {
                 operands: HashMap::new(),
                 next_job: 1,
                 next_worker: 1,
+                shared: false,
+                ended: std::collections::VecDeque::new(),
             }),
             store,
             metrics,
             started: Instant::now(),
         })
+    }
+
+    /// Makes this grid one of several coordinators on a shared store: jobs' tiles are
+    /// handed out only when claimed ([`Grid::offer`]). Call before any job is admitted.
+    pub fn share_tiles(&self) {
+        self.lock().shared = true;
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -340,8 +358,7 @@ impl Grid {
         };
         let durable = self.store.insert_job(&record, &job.operands)?;
         let prepared = PreparedJob::new(job);
-        let result = Matrix::zeros(record.dtype, plan.m as usize, plan.n as usize)
-            .expect("shape checked at submission");
+        let result = self.result_buffer(&record);
         let id = self.admit(record.clone(), prepared, Vec::new(), result);
         if let Err(err) = durable.wait() {
             tracing::error!(job = record.id, error = %err, "recording a job failed; withdrawn");
@@ -385,6 +402,147 @@ impl Grid {
         Ok((count, kept))
     }
 
+    /// Where a job's accepted tiles are assembled: the whole result, or nothing on a
+    /// shared store (the tiles live there).
+    fn result_buffer(&self, record: &JobRecord) -> Matrix {
+        let (rows, cols) = if self.lock().shared {
+            (0, 0)
+        } else {
+            (record.m as usize, record.n as usize)
+        };
+        Matrix::zeros(record.dtype, rows, cols).expect("shape checked at submission")
+    }
+
+    /// Takes up a job another coordinator recorded in the shared store: its panels are
+    /// cut here, and its tiles are handed out as they are claimed. Blocking: call it off
+    /// the async runtime.
+    pub fn adopt(&self, record: JobRecord, operands: JobOperands) {
+        if self.has_job(&record.id) {
+            return;
+        }
+        let prepared = PreparedJob::new(NewJob {
+            owner: record.owner.clone(),
+            name: record.name.clone(),
+            alpha: record.alpha,
+            beta: record.beta,
+            priority: record.priority,
+            quorum: record.quorum,
+            operands,
+            plan: record.plan(),
+        });
+        let result = self.result_buffer(&record);
+        self.admit(record, prepared, Vec::new(), result);
+    }
+
+    /// Whether a job is live here, or ended here lately.
+    pub fn has_job(&self, id: &str) -> bool {
+        let inner = self.lock();
+        inner.by_name.contains_key(id) || inner.ended.iter().any(|e| e == id)
+    }
+
+    /// Ids of the live jobs.
+    pub fn job_ids(&self) -> Vec<String> {
+        let inner = self.lock();
+        let mut ids: Vec<String> = inner.by_name.keys().cloned().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Tiles this grid could hand out now beyond those it holds.
+    pub fn tiles_wanted(&self) -> u64 {
+        self.lock().scheduler.wanted()
+    }
+
+    /// Claimed tiles of job `id` become available to this grid's workers.
+    pub fn offer(&self, id: &str, tiles: &[(u32, u32)]) {
+        let mut inner = self.lock();
+        let Some(&job) = inner.by_name.get(id) else {
+            return;
+        };
+        let now = self.now();
+        self.step(&mut inner, |s| s.offer(job, tiles, now));
+    }
+
+    /// Tiles of job `id` this grid may no longer hand out (their claim was lost): running
+    /// copies are cancelled. Returns the tiles that were held.
+    pub fn release(&self, id: &str, tiles: &[(u32, u32)]) -> Vec<(u32, u32)> {
+        let mut inner = self.lock();
+        let Some(&job) = inner.by_name.get(id) else {
+            return Vec::new();
+        };
+        let mut released = Vec::new();
+        self.step(&mut inner, |s| released = s.release(job, tiles));
+        released
+    }
+
+    /// Every live job's held tiles (pending or running), by job id.
+    pub fn held(&self) -> Vec<(String, Vec<(u32, u32)>)> {
+        let inner = self.lock();
+        inner
+            .by_name
+            .iter()
+            .map(|(name, &job)| (name.clone(), inner.scheduler.held_of(job)))
+            .filter(|(_, tiles)| !tiles.is_empty())
+            .collect()
+    }
+
+    /// Pending tiles nobody here can compute (no worker is connected), by job id: a
+    /// shared grid gives their claims back.
+    pub fn idle_claims(&self) -> Vec<(String, Vec<(u32, u32)>)> {
+        let inner = self.lock();
+        if inner.scheduler.worker_count() > 0 {
+            return Vec::new();
+        }
+        inner
+            .by_name
+            .iter()
+            .map(|(name, &job)| (name.clone(), inner.scheduler.pending_of(job)))
+            .filter(|(_, tiles)| !tiles.is_empty())
+            .collect()
+    }
+
+    /// Progress of a live job as the shared store counts it (tiles accepted by every
+    /// coordinator).
+    pub fn set_progress(&self, id: &str, state: JobState, tiles_done: u64) {
+        let mut inner = self.lock();
+        let Some(&job) = inner.by_name.get(id) else {
+            return;
+        };
+        let job = inner.jobs.get_mut(&job).expect("named jobs are live");
+        let state = if state == JobState::Running {
+            state
+        } else {
+            job.record.state
+        };
+        if job.record.tiles_done != tiles_done || job.record.state != state {
+            job.record.tiles_done = tiles_done;
+            job.record.state = state;
+            let progress = job.progress();
+            job.progress.send_replace(progress);
+            self.update_job_gauges(&inner);
+        }
+    }
+
+    /// A live job ended on another coordinator (or was deleted there): it stops here
+    /// without writing to the store.
+    pub fn ended_elsewhere(
+        &self,
+        id: &str,
+        state: JobState,
+        tiles_done: u64,
+        error: Option<String>,
+    ) {
+        let mut inner = self.lock();
+        let Some(&job) = inner.by_name.get(id) else {
+            return;
+        };
+        if let Some(live) = inner.jobs.get_mut(&job) {
+            live.record.tiles_done = tiles_done;
+        }
+        self.end(&mut inner, job, state, error, false);
+        self.apply(&mut inner);
+    }
+
     /// Makes a recorded job live: its panels are registered and the scheduler takes it.
     fn admit(
         &self,
@@ -416,6 +574,7 @@ impl Grid {
             c_tiles: c_tiles.as_ref().map(|c| c.iter().map(panel).collect()),
             done,
             quorum: job.quorum,
+            held: inner.shared.then(Vec::new),
         };
         let check = Arc::new(verify::JobCheck::new(
             record.dtype,
@@ -690,14 +849,17 @@ impl Grid {
         if inner.jobs[&job_id].record.quorum.is_some() {
             return self.replica(&mut inner, worker, job_id, result, started, now);
         }
+        let shared = inner.shared;
         let job = inner.jobs.get_mut(&job_id).expect("checked above");
-        job.result.write_block(
-            rows.start as usize,
-            cols.start as usize,
-            rows.len(),
-            cols.len(),
-            &result.payload,
-        );
+        if !shared {
+            job.result.write_block(
+                rows.start as usize,
+                cols.start as usize,
+                rows.len(),
+                cols.len(),
+                &result.payload,
+            );
+        }
         let (lease, compute_micros) = (result.lease, result.compute_micros);
         let kept = self.store.tile_accepted(TileWrite {
             job: job.record.id.clone(),
@@ -746,6 +908,7 @@ impl Grid {
         let Some((_, tile)) = outcome? else {
             return Ok(());
         };
+        let shared = inner.shared;
         let job = inner
             .jobs
             .get_mut(&job_id)
@@ -790,13 +953,15 @@ impl Grid {
             .find(|c| c.digest == agreed)
             .expect("the agreed digest is a copy's")
             .payload;
-        job.result.write_block(
-            rows.start as usize,
-            cols.start as usize,
-            rows.len(),
-            cols.len(),
-            payload,
-        );
+        if !shared {
+            job.result.write_block(
+                rows.start as usize,
+                cols.start as usize,
+                rows.len(),
+                cols.len(),
+                payload,
+            );
+        }
         let kept = self.store.tile_accepted(TileWrite {
             job: job.record.id.clone(),
             tile,
@@ -912,6 +1077,7 @@ impl Grid {
                 send(inner, worker, ToWorker::Cancel { lease });
             }
             Command::Assign(a) => {
+                let shared = inner.shared;
                 let Some(job) = inner.jobs.get_mut(&a.job) else {
                     return;
                 };
@@ -931,6 +1097,16 @@ impl Grid {
                     c: a.c,
                     deadline_ms: a.deadline_ms,
                 });
+                if shared {
+                    self.store.lease_issued(LeaseIssued {
+                        job: job.record.id.clone(),
+                        tile: a.tile,
+                        lease: a.lease,
+                        worker: a.worker,
+                        speculative: a.speculative,
+                        deadline_ms: a.deadline_ms,
+                    });
+                }
                 if job.record.state == JobState::Queued {
                     job.record.state = JobState::Running;
                     let progress = job.progress();
@@ -969,6 +1145,10 @@ impl Grid {
             return;
         };
         inner.by_name.remove(&job.record.id);
+        inner.ended.push_back(job.record.id.clone());
+        if inner.ended.len() > ENDED_REMEMBERED {
+            inner.ended.pop_front();
+        }
         inner.scheduler.remove_job(job_id);
         for key in &job.keys {
             if let Some(entry) = inner.operands.get_mut(key) {

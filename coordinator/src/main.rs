@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tabgrid_coordinator::auth::{Keys, Secret};
 use tabgrid_coordinator::client::{Client, Submission};
+use tabgrid_coordinator::cluster::{ClaimConfig, Claims};
 use tabgrid_coordinator::scheduler::SchedulerConfig;
+use tabgrid_coordinator::store::postgres::{self, PgStore};
 use tabgrid_coordinator::store::sqlite::{SqliteOptions, SqliteStore};
 use tabgrid_coordinator::store::{MemoryStore, Store};
 use tabgrid_coordinator::volunteers::VolunteerMode;
@@ -79,6 +81,15 @@ struct ServerArgs {
     /// nothing is kept (throwaway grids, benchmarks).
     #[arg(long, env = "TABGRID_STORE", default_value = "sqlite")]
     store: StoreKind,
+    /// A PostgreSQL database shared by several coordinators (`postgres://USER@HOST/DB`;
+    /// replaces --store). Jobs, operands, tiles, leases and the JWT secret live there,
+    /// so any coordinator serves any job and takes over a dead one's tiles.
+    #[arg(long, env = "TABGRID_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// With --database-url: how long a coordinator's claim on tiles lasts unrenewed, so
+    /// how long a dead coordinator's tiles wait before another takes them.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    claim_ttl: Duration,
     /// Seconds between worker heartbeats; a worker silent for three is dropped.
     #[arg(long, default_value_t = 5, hide = true)]
     heartbeat_secs: u32,
@@ -145,6 +156,10 @@ struct TokenArgs {
     /// Data dir of the coordinator whose secret signs the token.
     #[arg(long, env = "TABGRID_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// The shared database of coordinators started with --database-url (its secret signs
+    /// the token instead).
+    #[arg(long, env = "TABGRID_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -271,9 +286,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Cluster(args) => serve(args.server, args.workers, args.threads).await,
         Command::Token(args) => {
             let secret = std::env::var("TABGRID_JWT_SECRET").ok();
-            let (secret, created) = Secret::load_or_create(secret, &args.data_dir)?;
+            let (secret, created) = match &args.database_url {
+                Some(url) => database_secret(url, secret)
+                    .await
+                    .context("reading the secret from the database")?,
+                None => Secret::load_or_create(secret, &args.data_dir)?,
+            };
             if created {
-                eprintln!("created a new secret in {}", args.data_dir.display());
+                match &args.database_url {
+                    Some(_) => eprintln!("created a new secret in the database"),
+                    None => eprintln!("created a new secret in {}", args.data_dir.display()),
+                }
             }
             println!(
                 "{}",
@@ -377,7 +400,12 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 /// Runs a coordinator, plus `workers` native workers in-process for `cluster`.
 async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyhow::Result<()> {
     let env_secret = std::env::var("TABGRID_JWT_SECRET").ok();
-    let (secret, created) = Secret::load_or_create(env_secret, &args.data_dir)?;
+    let (secret, created) = match &args.database_url {
+        Some(url) => database_secret(url, env_secret)
+            .await
+            .context("connecting to the database (--database-url)")?,
+        None => Secret::load_or_create(env_secret, &args.data_dir)?,
+    };
     let config = ServeConfig {
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         max_job_bytes: args.max_job_size,
@@ -404,8 +432,24 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         lease_floor_ms: args.lease_floor_ms,
         ..SchedulerConfig::default()
     };
-    let store: Arc<dyn Store> = match args.store {
-        StoreKind::Sqlite => Arc::new(
+    let mut shared = None;
+    let store: Arc<dyn Store> = match (&args.database_url, args.store) {
+        (Some(url), _) => {
+            let name = format!(
+                "coordinator-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            );
+            let (url, named) = (url.clone(), name.clone());
+            let store = Arc::new(
+                tokio::task::spawn_blocking(move || PgStore::open(&url, &named))
+                    .await?
+                    .context("opening the store in the database")?,
+            );
+            tracing::info!("sharing the database with other coordinators as {name}");
+            shared = Some(store.clone());
+            store
+        }
+        (None, StoreKind::Sqlite) => Arc::new(
             SqliteStore::open(
                 &args.data_dir,
                 SqliteOptions {
@@ -414,17 +458,34 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
             )
             .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
         ),
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        (None, StoreKind::Memory) => Arc::new(MemoryStore::new()),
     };
     let coordinator = Coordinator::new(store.clone(), &secret, config, scheduler).with_site(site);
-    let (jobs, tiles) = coordinator
-        .state
-        .grid
-        .resume()
-        .context("resuming unfinished jobs")?;
-    if jobs > 0 {
-        tracing::info!(jobs, tiles, "resumed unfinished jobs");
-    }
+    let claims = match shared {
+        // Jobs are taken up from the database as their tiles are claimed.
+        Some(store) => Some(
+            Claims::start(
+                coordinator.state.grid.clone(),
+                store,
+                ClaimConfig {
+                    ttl: args.claim_ttl.max(Duration::from_millis(200)),
+                    ..ClaimConfig::default()
+                },
+            )
+            .context("starting the claims loop")?,
+        ),
+        None => {
+            let (jobs, tiles) = coordinator
+                .state
+                .grid
+                .resume()
+                .context("resuming unfinished jobs")?;
+            if jobs > 0 {
+                tracing::info!(jobs, tiles, "resumed unfinished jobs");
+            }
+            None
+        }
+    };
     let keys = coordinator.state.keys.clone();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -486,7 +547,18 @@ async fn serve(args: ServerArgs, workers: usize, threads: Option<usize>) -> anyh
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     store.flush().context("writing the store's last changes")?;
+    if let Some(claims) = claims {
+        // Other coordinators take the unfinished tiles at once instead of after the TTL.
+        tokio::task::spawn_blocking(move || claims.stop()).await?;
+    }
     Ok(())
+}
+
+/// The JWT secret of coordinators sharing the database at `url` (the client blocks: off
+/// the async runtime).
+async fn database_secret(url: &str, env: Option<String>) -> anyhow::Result<(Secret, bool)> {
+    let url = url.to_owned();
+    Ok(tokio::task::spawn_blocking(move || postgres::shared_secret(&url, env)).await??)
 }
 
 /// Ctrl-C or SIGTERM.

@@ -94,6 +94,10 @@ pub struct JobTiles {
     pub done: Vec<TileIndex>,
     /// Replication, for jobs whose results cannot be checked.
     pub quorum: Option<Quorum>,
+    /// Tiles this scheduler may hand out (`None`: every open tile). Coordinators sharing
+    /// one database hand out only the tiles they claimed there; more come with
+    /// [`Scheduler::offer`].
+    pub held: Option<Vec<TileIndex>>,
 }
 
 /// A decision for the IO layer to carry out, in order.
@@ -411,10 +415,21 @@ impl Scheduler {
                 job.done_count += 1;
             }
         }
-        for i in 0..ti {
-            for j in 0..tj {
-                if !job.done[job.tile_slot((i, j))] {
-                    job.make_pending((i, j));
+        match job.tiles.held.take() {
+            None => {
+                for i in 0..ti {
+                    for j in 0..tj {
+                        if !job.done[job.tile_slot((i, j))] {
+                            job.make_pending((i, j));
+                        }
+                    }
+                }
+            }
+            Some(held) => {
+                for tile in held {
+                    if tile.0 < ti && tile.1 < tj && !job.done[job.tile_slot(tile)] {
+                        job.make_pending(tile);
+                    }
                 }
             }
         }
@@ -479,6 +494,87 @@ impl Scheduler {
             }
             self.out.push(Command::Forget { worker: id, keys });
         }
+    }
+
+    /// Tiles claimed for this scheduler (a job added with [`JobTiles::held`]): they are
+    /// handed out like any pending tile. Tiles done, running or unknown are skipped.
+    pub fn offer(&mut self, job: JobId, tiles: &[TileIndex], now: Millis) {
+        let Some(state) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let (ti, tj) = (state.tiles.plan.tiles_i(), state.tiles.plan.tiles_j());
+        for &tile in tiles {
+            if tile.0 < ti
+                && tile.1 < tj
+                && !state.done[state.tile_slot(tile)]
+                && !state.active.contains_key(&tile)
+            {
+                state.make_pending(tile);
+            }
+        }
+        self.dispatch_idle(now);
+    }
+
+    /// Tiles this scheduler may no longer hand out (their claim was lost or given back):
+    /// running copies are cancelled and the tiles leave the queue. Returns the tiles that
+    /// were held (pending or running).
+    pub fn release(&mut self, job: JobId, tiles: &[TileIndex]) -> Vec<TileIndex> {
+        let mut released = Vec::new();
+        for &tile in tiles {
+            let Some(state) = self.jobs.get_mut(&job) else {
+                break;
+            };
+            if tile.0 >= state.tiles.plan.tiles_i()
+                || tile.1 >= state.tiles.plan.tiles_j()
+                || state.done[state.tile_slot(tile)]
+            {
+                continue;
+            }
+            let running = state.active.get(&tile).cloned().unwrap_or_default();
+            let was_pending = state.pending_rows[tile.0 as usize].contains(&tile.1);
+            for lease in running.iter().copied() {
+                self.retire(lease, true);
+            }
+            let state = self.jobs.get_mut(&job).expect("checked above");
+            state.take_pending(tile);
+            if was_pending || !running.is_empty() {
+                released.push(tile);
+            }
+        }
+        released
+    }
+
+    /// Pending tiles (held, not running) of a job.
+    pub fn pending_of(&self, job: JobId) -> Vec<TileIndex> {
+        self.jobs.get(&job).map_or_else(Vec::new, |j| {
+            j.nonempty_rows
+                .iter()
+                .flat_map(|&i| j.pending_rows[i as usize].iter().map(move |&c| (i, c)))
+                .collect()
+        })
+    }
+
+    /// Tiles a job holds: pending or running.
+    pub fn held_of(&self, job: JobId) -> Vec<TileIndex> {
+        let mut tiles = self.pending_of(job);
+        if let Some(j) = self.jobs.get(&job) {
+            tiles.extend(j.active.keys().copied());
+        }
+        tiles.sort_unstable();
+        tiles.dedup();
+        tiles
+    }
+
+    /// Tiles this scheduler could hand out now beyond those pending: the credits of idle
+    /// workers plus one queued tile per worker, less what is pending.
+    pub fn wanted(&self) -> u64 {
+        let credits: u64 = self.workers.values().map(|w| u64::from(w.credits)).sum();
+        (credits + self.workers.len() as u64).saturating_sub(self.pending_tiles())
+    }
+
+    /// Connected workers.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
     }
 
     /// A worker completed its handshake. It gets work when it sends `Ready`.

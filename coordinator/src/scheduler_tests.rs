@@ -50,6 +50,7 @@ fn job_with(id: JobId, priority: i32, plan: TilePlan) -> JobTiles {
         c_tiles: None,
         done: Vec::new(),
         quorum: None,
+        held: None,
     }
 }
 
@@ -868,6 +869,54 @@ fn a_failed_tile_goes_back_to_the_queue() {
     let (fresh, commands) = h.accept(2, again.lease);
     assert!(fresh);
     assert_eq!(completions(&commands), vec![1]);
+}
+
+#[test]
+fn only_held_tiles_are_handed_out_and_offers_add_more() {
+    let mut h = Harness::new(no_speculation());
+    h.add_job(JobTiles {
+        held: Some(vec![(0, 1)]),
+        ..job(1, 0, 1, 3)
+    });
+    h.join(1, 1.0, BIG_CACHE);
+    assert_eq!(
+        h.sched.wanted(),
+        0,
+        "one queued tile per worker, less the one held"
+    );
+    let first = only_assignment(&h.ready(1, 2));
+    assert_eq!(first.tile, (0, 1));
+    // One credit left and nothing held: the worker waits instead of taking (0, 0).
+    assert!(h.apply().is_empty());
+    assert_eq!(h.sched.wanted(), 2);
+    h.sched.offer(1, &[(0, 0), (0, 1), (9, 9)], h.now);
+    let second = only_assignment(&h.apply());
+    assert_eq!(second.tile, (0, 0), "the running tile is not offered twice");
+    let (fresh, commands) = h.accept(1, first.lease);
+    assert!(fresh);
+    assert!(
+        completions(&commands).is_empty(),
+        "(0, 2) is still open elsewhere"
+    );
+}
+
+#[test]
+fn released_tiles_are_cancelled_and_leave_the_queue() {
+    let mut h = Harness::new(no_speculation());
+    h.add_job(JobTiles {
+        held: Some(vec![(0, 0), (0, 1), (0, 2)]),
+        ..job(1, 0, 1, 3)
+    });
+    h.join(1, 1.0, BIG_CACHE);
+    let running = only_assignment(&h.ready(1, 1));
+    assert_eq!(running.tile, (0, 0));
+    let released = h.sched.release(1, &[(0, 0), (0, 2)]);
+    assert_eq!(released, vec![(0, 0), (0, 2)]);
+    assert_eq!(cancels(&h.apply()), vec![(1, running.lease)]);
+    assert_eq!(h.sched.pending_of(1), vec![(0, 1)]);
+    let next = only_assignment(&h.ready(1, 1));
+    assert_eq!(next.tile, (0, 1));
+    assert!(h.sched.release(1, &[(0, 0)]).is_empty(), "released already");
 }
 
 #[test]

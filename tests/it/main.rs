@@ -3,6 +3,7 @@
 mod api;
 mod browser;
 mod cli;
+mod cluster;
 mod compute;
 mod faults;
 mod page;

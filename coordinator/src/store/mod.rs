@@ -8,6 +8,7 @@
 //! `insert_job` returns has been waited on; the writes that follow (progress, tiles, results) may be write-behind and batched, and the
 //! store answers reads with them at once.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -44,6 +45,14 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
         }
+    }
+
+    /// The state named `name` (as [`JobState::name`] writes it).
+    pub fn parse(name: &str) -> Result<JobState, StoreError> {
+        JobState::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {name:?} in the store")))
     }
 
     pub const fn is_terminal(self) -> bool {
@@ -122,6 +131,19 @@ pub struct TileWrite {
     pub payload: Vec<u8>,
 }
 
+/// A lease handed to a worker, for the store's record of who computed what.
+#[derive(Clone, Debug)]
+pub struct LeaseIssued {
+    pub job: String,
+    pub tile: (u32, u32),
+    pub lease: u64,
+    pub worker: u64,
+    /// A deliberate duplicate of a straggling tile.
+    pub speculative: bool,
+    /// Time the worker was given, from now.
+    pub deadline_ms: u64,
+}
+
 /// A write on its way to disk: [`Durable::wait`] returns once it is there (or why not).
 #[derive(Debug)]
 #[must_use = "a submission is durable only once waited on"]
@@ -198,6 +220,10 @@ pub trait Store: Send + Sync + 'static {
     fn delete_job(&self, id: &str) -> Result<bool, StoreError>;
     /// Jobs to resume after a restart, with their operands and accepted tiles.
     fn unfinished_jobs(&self) -> Result<Vec<ResumedJob>, StoreError>;
+    /// Records a lease handed out (stores shared by several coordinators keep them, so
+    /// who computed what can be checked across coordinators). Called under the grid's
+    /// lock: it must not wait on IO.
+    fn lease_issued(&self, _lease: LeaseIssued) {}
     /// Waits until every write handed over so far is durable.
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())

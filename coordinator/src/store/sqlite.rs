@@ -180,13 +180,6 @@ fn from_micros(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
 }
 
-fn state_from(name: &str) -> Result<JobState, StoreError> {
-    JobState::ALL
-        .into_iter()
-        .find(|s| s.name() == name)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {name:?} in the database")))
-}
-
 fn hash(bytes: &[u8]) -> Vec<u8> {
     blake3::hash(bytes).as_bytes().to_vec()
 }
@@ -241,7 +234,7 @@ fn record_from(row: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
         Ok(d) => d,
         Err(e) => return Ok(Err(StoreError::Corrupt(e.to_string()))),
     };
-    let state = match state_from(&state) {
+    let state = match JobState::parse(&state) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e)),
     };
@@ -622,7 +615,9 @@ fn clean_up(conn: &Connection, shared: &Shared) -> Result<(), StoreError> {
                 tracing::info!(job = name, "removing an uncommitted submission");
                 std::fs::remove_dir_all(entry.path())?;
             }
-            Some(state) if state_from(state)?.is_terminal() => remove_work_files(&entry.path()),
+            Some(state) if JobState::parse(state)?.is_terminal() => {
+                remove_work_files(&entry.path())
+            }
             Some(_) => {}
         }
     }
@@ -1166,7 +1161,7 @@ fn backup_once(data_dir: &Path, to: &Path) -> Result<BackupSummary, BackupError>
             }
             for (id, state, has_c, has_result) in &jobs {
                 let mut files = Vec::new();
-                if state_from(state)?.is_terminal() {
+                if JobState::parse(state)?.is_terminal() {
                     if *has_result {
                         files.push(RESULT);
                     }
