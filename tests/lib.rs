@@ -352,7 +352,10 @@ impl Coordinator {
             .arg(data_dir.path())
             .args(&args)
             .env("TABGRID_JWT_SECRET", SECRET)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TABGRID_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -421,6 +424,16 @@ impl Coordinator {
     /// Starts a native worker process with `threads` threads and a fresh volunteer token.
     pub fn worker(&self, name: &str, threads: usize) -> Worker {
         Worker::start(&self.url, &token(name, Role::Volunteer), threads)
+    }
+
+    /// SIGTERM, as a service manager stops it; waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+        self.child.wait().unwrap()
     }
 
     /// SIGKILL: no goodbye, nothing flushed.

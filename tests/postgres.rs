@@ -149,6 +149,12 @@ impl Postgres {
         format!("postgres://tabgrid@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Creates database `name` and returns its URL (separate grids on one server).
+    pub fn create_database(&self, name: &str) -> String {
+        self.query(&format!("CREATE DATABASE {name}"));
+        format!("postgres://tabgrid@127.0.0.1:{}/{name}", self.port)
+    }
+
     /// Runs `sql` with psql; returns its rows, `|`-separated, one per line.
     pub fn query(&self, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))

@@ -2,9 +2,11 @@
 //! `.npy`, computed by one in-process native worker over loopback WebSocket, result
 //! downloaded as `.npy` — as a ratio to the same kernel computing the same product in one
 //! process with the same threads. Then the per-tile overhead: a job of many tiny tiles,
-//! in tiles per second. Both on the in-memory store and on the SQLite store (in a temp
-//! dir), runs interleaved, as ratios SQLite/in-memory; then submissions per second on each
-//! store, and the time a restart takes to resume a job of 10 000 tiles.
+//! in tiles per second. On the in-memory store, the SQLite store (in a temp dir) and the
+//! PostgreSQL store (a throwaway server with its default durability, one database per
+//! grid, the claims loop running), runs interleaved, as ratios to in-memory; then
+//! submissions per second on each store, and the time a restart takes to resume a job of
+//! 10 000 tiles.
 //!
 //! Options: `--size N` (2048), `--threads T` (2), `--runs R` (5), `--edge E` (the tile
 //! policy's), `--tiny-edge E` (8).
@@ -15,14 +17,17 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tabgrid_coordinator::auth::Secret;
+use tabgrid_coordinator::cluster::{ClaimConfig, Claims};
 use tabgrid_coordinator::grid::Grid as LiveGrid;
 use tabgrid_coordinator::metrics::Metrics;
 use tabgrid_coordinator::scheduler::SchedulerConfig;
+use tabgrid_coordinator::store::postgres::PgStore;
 use tabgrid_coordinator::store::sqlite::{SqliteOptions, SqliteStore};
 use tabgrid_coordinator::store::{JobOperands, JobRecord, JobState, MemoryStore, Store, TileWrite};
 use tabgrid_coordinator::{Coordinator, ServeConfig};
 use tabgrid_shared::claims::Role;
 use tabgrid_shared::kernels::{MatMut, MatRef, par_gemm};
+use tabgrid_tests::postgres::Postgres;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -64,6 +69,7 @@ struct Grid {
     url: String,
     token: String,
     http: reqwest::Client,
+    _claims: Option<Claims>,
 }
 
 /// The stores compared.
@@ -71,21 +77,34 @@ struct Grid {
 enum Kind {
     Memory,
     Sqlite,
+    Postgres,
 }
 
-/// A store of `kind` (SQLite in a temp dir that lives as long as the process).
-fn store(kind: Kind) -> Arc<dyn Store> {
-    match kind {
+const KINDS: [Kind; 3] = [Kind::Memory, Kind::Sqlite, Kind::Postgres];
+
+/// A coordinator on a fresh store of `kind` (SQLite in a temp dir that lives as long as
+/// the process, PostgreSQL in a new database on `pg`) and one worker with `threads`
+/// threads, in this process.
+async fn start_grid(kind: Kind, pg: &Postgres, threads: usize, tile_edge: u32, slots: u32) -> Grid {
+    static DATABASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut shared = None;
+    let store: Arc<dyn Store> = match kind {
         Kind::Memory => Arc::new(MemoryStore::new()),
         Kind::Sqlite => {
             let dir = tempfile::tempdir().unwrap().keep();
             Arc::new(SqliteStore::open(&dir, SqliteOptions::default()).unwrap())
         }
-    }
-}
-
-/// A coordinator on `store` and one worker with `threads` threads, in this process.
-async fn start_grid(store: Arc<dyn Store>, threads: usize, tile_edge: u32, slots: u32) -> Grid {
+        Kind::Postgres => {
+            let n = DATABASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let url = pg.create_database(&format!("bench{n}"));
+            let store = tokio::task::spawn_blocking(move || PgStore::open(&url, "bench").unwrap())
+                .await
+                .unwrap();
+            let store = Arc::new(store);
+            shared = Some(store.clone());
+            store
+        }
+    };
     let secret = Secret::generate();
     let config = ServeConfig {
         tile_edge,
@@ -94,6 +113,8 @@ async fn start_grid(store: Arc<dyn Store>, threads: usize, tile_edge: u32, slots
     let coordinator = Coordinator::new(store, &secret, config, SchedulerConfig::default());
     let keys = coordinator.state.keys.clone();
     let grid = coordinator.state.grid.clone();
+    let claims =
+        shared.map(|store| Claims::start(grid.clone(), store, ClaimConfig::default()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(coordinator.serve(listener, None, std::future::pending()));
@@ -109,6 +130,7 @@ async fn start_grid(store: Arc<dyn Store>, threads: usize, tile_edge: u32, slots
         url,
         token: keys.mint("bench", Role::Submitter, Duration::from_secs(3600)),
         http: reqwest::Client::new(),
+        _claims: claims,
     }
 }
 
@@ -228,10 +250,11 @@ async fn main() {
         start.elapsed().as_secs_f64()
     };
 
-    let kinds = [Kind::Memory, Kind::Sqlite];
+    let pg = Postgres::start(false).await;
+    let kinds = KINDS;
     let mut grids = Vec::new();
     for kind in kinds {
-        grids.push(start_grid(store(kind), threads, edge, tabgrid_worker::DEFAULT_SLOTS).await);
+        grids.push(start_grid(kind, &pg, threads, edge, tabgrid_worker::DEFAULT_SLOTS).await);
     }
     let mut reference = vec![0f32; n * n];
     local(&mut reference);
@@ -257,7 +280,7 @@ async fn main() {
     let mut local_s = Vec::new();
     let mut grid_s = vec![Vec::new(); kinds.len()];
     let mut ratios = vec![Vec::new(); kinds.len()];
-    let mut store_ratios = Vec::new();
+    let mut store_ratios = vec![Vec::new(); kinds.len()];
     let mut tiles = 0;
     for _ in 0..runs {
         let l = local(&mut reference);
@@ -270,7 +293,9 @@ async fn main() {
             grid_s[i].push(g);
             times.push(g);
         }
-        store_ratios.push(times[0] / times[1]);
+        for (i, t) in times.iter().enumerate() {
+            store_ratios[i].push(times[0] / t);
+        }
     }
     let gflops = |s: f64| 2.0 * (n as f64).powi(3) / s / 1e9;
     println!("\nf32 {n}x{n}x{n}, {threads} threads, {tiles} tiles, median of {runs}");
@@ -282,16 +307,18 @@ async fn main() {
     for (i, kind) in kinds.iter().enumerate() {
         let s = median(grid_s[i].clone());
         println!(
-            "  grid end to end, {:<7} {s:.3} s  {:.1} GFLOP/s  ratio to one process {:.2}",
+            "  grid end to end, {:<9} {s:.3} s  {:.1} GFLOP/s  ratio to one process {:.2}",
             format!("{kind:?}:"),
             gflops(s),
             median(ratios[i].clone())
         );
     }
-    println!(
-        "  SQLite/in-memory (job throughput): {:.2}",
-        median(store_ratios)
-    );
+    for (i, kind) in kinds.iter().enumerate().skip(1) {
+        println!(
+            "  {kind:?}/in-memory (job throughput): {:.2}",
+            median(store_ratios[i].clone())
+        );
+    }
 
     // Per-tile overhead: many tiny tiles over loopback WebSocket, each tile accepted
     // through the store.
@@ -301,7 +328,7 @@ async fn main() {
     let (ta, tb) = (npy(m, k, &random(m * k, 3)), npy(k, m, &random(k * m, 4)));
     let mut grids = Vec::new();
     for kind in kinds {
-        grids.push(start_grid(store(kind), threads, tiny as u32, slots).await);
+        grids.push(start_grid(kind, &pg, threads, tiny as u32, slots).await);
     }
     let mut rates = vec![Vec::new(); kinds.len()];
     let mut tiles = 0;
@@ -319,7 +346,7 @@ async fn main() {
     for (i, kind) in kinds.iter().enumerate() {
         let rate = median(rates[i].clone());
         println!(
-            "  {:<7} {rate:.0} tiles accepted/s end to end ({:.0}x Dask's ~500 tasks/s; {:.2}x in-memory)",
+            "  {:<9} {rate:.0} tiles accepted/s end to end ({:.0}x Dask's ~500 tasks/s; {:.2}x in-memory)",
             format!("{kind:?}:"),
             rate / 500.0,
             rate / memory_rate
@@ -334,7 +361,7 @@ async fn main() {
     let count = 400;
     let mut per_second = Vec::new();
     for kind in kinds {
-        let grid = Arc::new(start_grid(store(kind), 1, 64, 1).await);
+        let grid = Arc::new(start_grid(kind, &pg, 1, 64, 1).await);
         let start = Instant::now();
         let mut tasks = Vec::new();
         for lane in 0..8 {
@@ -354,7 +381,7 @@ async fn main() {
     println!("\nsubmissions: {count} jobs of 64x64x64 f32 as .npy, 8 at a time");
     for (i, kind) in kinds.iter().enumerate() {
         println!(
-            "  {:<7} {:.0} jobs/s ({:.2}x in-memory)",
+            "  {:<9} {:.0} jobs/s ({:.2}x in-memory)",
             format!("{kind:?}:"),
             per_second[i],
             per_second[i] / per_second[0]

@@ -61,6 +61,14 @@ impl Claims {
         config: ClaimConfig,
     ) -> std::io::Result<Claims> {
         grid.share_tiles();
+        // A job whose last tile is written here ends here at once, not at the next poll
+        // (weak: the grid owns the store).
+        let weak = Arc::downgrade(&grid);
+        store.on_finished(move |id, tiles| {
+            if let Some(grid) = weak.upgrade() {
+                grid.ended_elsewhere(id, crate::store::JobState::Done, tiles, None);
+            }
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -92,6 +100,9 @@ impl Drop for Claims {
     }
 }
 
+/// Most tiles claimed ahead of the workers' free slots.
+const MAX_AHEAD: u64 = 2048;
+
 /// Claim loop rounds per poll: claims are made this much more often than states are read.
 const CLAIM_ROUNDS: u32 = 10;
 
@@ -102,10 +113,17 @@ struct Loop {
     session: Option<Session>,
     /// Unfinished jobs running here, by priority then age, from the last poll.
     order: Vec<JobStatus>,
+    /// The grid's jobs at the last poll.
+    live: Vec<String>,
+    /// Of those, the ones the database had.
+    seen: std::collections::HashSet<String>,
     last_poll: Option<Instant>,
     last_renewal: Option<Instant>,
     /// A claim found nothing pending: wait for the next poll before trying again.
     starved: bool,
+    /// Tiles handed out here at the last claim, and when: the workers' pace.
+    assigned: u64,
+    claimed_at: Option<Instant>,
 }
 
 impl Loop {
@@ -116,13 +134,18 @@ impl Loop {
             config,
             session: None,
             order: Vec::new(),
+            live: Vec::new(),
+            seen: std::collections::HashSet::new(),
             last_poll: None,
             last_renewal: None,
             starved: false,
+            assigned: 0,
+            claimed_at: None,
         }
     }
 
     fn run(mut self, stop: &AtomicBool) {
+        let nudge = self.grid.nudge();
         let mut failures = 0u32;
         while !stop.load(Ordering::SeqCst) {
             match self.round() {
@@ -136,7 +159,10 @@ impl Loop {
                     continue;
                 }
             }
-            std::thread::sleep(self.config.poll / CLAIM_ROUNDS);
+            if nudge.wait(self.config.poll / CLAIM_ROUNDS) {
+                // Workers here ran short, or a job arrived: worth another claim.
+                self.starved = false;
+            }
         }
         if let Some(session) = self.session() {
             match session.give_back_all() {
@@ -164,7 +190,11 @@ impl Loop {
     fn round(&mut self) -> Result<(), StoreError> {
         let due =
             |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
-        if due(self.last_poll, self.config.poll) {
+        // A job submitted here (or ended) is noticed at once, not at the next poll.
+        // (or one whose row was not committed at the last poll).
+        let ids = self.grid.job_ids();
+        let changed = ids != self.live || ids.iter().any(|id| !self.seen.contains(id));
+        if changed || due(self.last_poll, self.config.poll) {
             self.poll()?;
             self.last_poll = Some(Instant::now());
             self.starved = false;
@@ -183,6 +213,7 @@ impl Loop {
     /// and reaps dead coordinators' claims.
     fn poll(&mut self) -> Result<(), StoreError> {
         let live = self.grid.job_ids();
+        self.live = live.clone();
         let session = self.connected()?;
         let reaped = session.reap()?;
         if reaped > 0 {
@@ -193,6 +224,9 @@ impl Loop {
             statuses.iter().map(|s| (s.id.as_str(), s)).collect();
         for id in &live {
             match by_id.get(id.as_str()) {
+                // A job submitted here is live before its row commits: only one seen in
+                // the database before and gone now was deleted.
+                None if !self.seen.contains(id) => {}
                 None => self.grid.ended_elsewhere(
                     id,
                     crate::store::JobState::Cancelled,
@@ -226,6 +260,13 @@ impl Loop {
         }
         // Only jobs running here can take claims (one that could not be taken up cannot).
         let live: std::collections::HashSet<String> = self.grid.job_ids().into_iter().collect();
+        // Jobs live now (including those just taken up) that the database has.
+        self.seen = self
+            .grid
+            .job_ids()
+            .into_iter()
+            .filter(|id| by_id.contains_key(id.as_str()))
+            .collect();
         let mut order: Vec<JobStatus> = statuses
             .into_iter()
             .filter(|s| !s.state.is_terminal() && live.contains(&s.id))
@@ -285,7 +326,20 @@ impl Loop {
     /// Claims as many tiles as this grid's workers can take: the highest priority first,
     /// shared evenly between jobs of one priority.
     fn claim(&mut self) -> Result<(), StoreError> {
-        let mut wanted = self.grid.tiles_wanted();
+        // Beyond the workers' free slots, as many tiles as they take in one round at their
+        // recent pace: fast workers on small tiles are not left waiting for the next
+        // round, and no more is held back from other coordinators.
+        let assigned = self.grid.assigned_total();
+        let now = Instant::now();
+        let elapsed = now
+            .duration_since(self.claimed_at.unwrap_or(now))
+            .max(Duration::from_millis(1));
+        let round = (self.config.poll / CLAIM_ROUNDS).as_secs_f64();
+        let taken = assigned.saturating_sub(self.assigned) as f64;
+        let ahead = ((taken * round / elapsed.as_secs_f64()).ceil() as u64).min(MAX_AHEAD);
+        self.assigned = assigned;
+        self.claimed_at = Some(now);
+        let mut wanted = self.grid.tiles_wanted(ahead);
         if wanted == 0 || self.order.is_empty() {
             return Ok(());
         }
@@ -305,6 +359,7 @@ impl Loop {
                 let share = wanted.div_ceil(left);
                 left -= 1;
                 let tiles = self.connected()?.claim(&status.id, share, ttl)?;
+                tracing::debug!(job = status.id, asked = share, got = tiles.len(), "claimed");
                 if tiles.is_empty() {
                     continue;
                 }

@@ -226,6 +226,30 @@ struct Inner {
     ended: std::collections::VecDeque<String>,
 }
 
+/// Wakes the claims loop of a shared grid when its workers run short of tiles.
+#[derive(Debug, Default)]
+pub struct Nudge {
+    pending: Mutex<bool>,
+    signal: std::sync::Condvar,
+}
+
+impl Nudge {
+    fn notify(&self) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.signal.notify_one();
+    }
+
+    /// Waits until notified or `timeout` passes; returns whether it was notified.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut guard, _) = self
+            .signal
+            .wait_timeout_while(guard, timeout, |pending| !*pending)
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *guard)
+    }
+}
+
 /// Jobs remembered in [`Inner::ended`].
 const ENDED_REMEMBERED: usize = 1024;
 
@@ -278,6 +302,7 @@ impl CheckInputs {
 /// The running grid. Shared by request handlers, socket tasks and the ticker.
 pub struct Grid {
     inner: Mutex<Inner>,
+    nudge: Arc<Nudge>,
     store: Arc<dyn Store>,
     metrics: Metrics,
     started: Instant,
@@ -298,6 +323,7 @@ impl Grid {
                 shared: false,
                 ended: std::collections::VecDeque::new(),
             }),
+            nudge: Arc::default(),
             store,
             metrics,
             started: Instant::now(),
@@ -366,6 +392,10 @@ impl Grid {
             self.end(&mut inner, id, JobState::Cancelled, None, false);
             self.apply(&mut inner);
             return Err(err);
+        }
+        if self.lock().shared {
+            // Its tiles can be claimed now that its row is committed.
+            self.nudge.notify();
         }
         self.metrics.job_submitted();
         Ok(record)
@@ -448,9 +478,19 @@ impl Grid {
         ids
     }
 
-    /// Tiles this grid could hand out now beyond those it holds.
-    pub fn tiles_wanted(&self) -> u64 {
-        self.lock().scheduler.wanted()
+    /// Tiles this grid could hand out now beyond those it holds, with `ahead` more queued.
+    pub fn tiles_wanted(&self, ahead: u64) -> u64 {
+        self.lock().scheduler.wanted(ahead)
+    }
+
+    /// Tiles handed out since start (speculative copies included).
+    pub fn assigned_total(&self) -> u64 {
+        self.lock().scheduler.stats().assigned
+    }
+
+    /// What wakes the claims loop when this grid's workers run short of tiles.
+    pub fn nudge(&self) -> Arc<Nudge> {
+        self.nudge.clone()
     }
 
     /// Claimed tiles of job `id` become available to this grid's workers.
@@ -617,6 +657,9 @@ impl Grid {
         let now = self.now();
         self.step(&mut inner, |s| s.add_job(tiles, now));
         self.update_job_gauges(&inner);
+        if inner.shared {
+            self.nudge.notify();
+        }
         id
     }
 
@@ -722,6 +765,9 @@ impl Grid {
         let now = self.now();
         let mut outcome = Ok(());
         self.step(&mut inner, |s| outcome = s.ready(worker, slots, now));
+        if inner.shared && inner.scheduler.wanted(0) > 0 {
+            self.nudge.notify();
+        }
         outcome
     }
 

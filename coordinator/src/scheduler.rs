@@ -566,10 +566,10 @@ impl Scheduler {
     }
 
     /// Tiles this scheduler could hand out now beyond those pending: the credits of idle
-    /// workers plus one queued tile per worker, less what is pending.
-    pub fn wanted(&self) -> u64 {
+    /// workers plus one queued tile per worker and `ahead` more, less what is pending.
+    pub fn wanted(&self, ahead: u64) -> u64 {
         let credits: u64 = self.workers.values().map(|w| u64::from(w.credits)).sum();
-        (credits + self.workers.len() as u64).saturating_sub(self.pending_tiles())
+        (credits + self.workers.len() as u64 + ahead).saturating_sub(self.pending_tiles())
     }
 
     /// Connected workers.

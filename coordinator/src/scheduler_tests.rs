@@ -880,7 +880,7 @@ fn only_held_tiles_are_handed_out_and_offers_add_more() {
     });
     h.join(1, 1.0, BIG_CACHE);
     assert_eq!(
-        h.sched.wanted(),
+        h.sched.wanted(0),
         0,
         "one queued tile per worker, less the one held"
     );
@@ -888,7 +888,8 @@ fn only_held_tiles_are_handed_out_and_offers_add_more() {
     assert_eq!(first.tile, (0, 1));
     // One credit left and nothing held: the worker waits instead of taking (0, 0).
     assert!(h.apply().is_empty());
-    assert_eq!(h.sched.wanted(), 2);
+    assert_eq!(h.sched.wanted(0), 2);
+    assert_eq!(h.sched.wanted(5), 7);
     h.sched.offer(1, &[(0, 0), (0, 1), (9, 9)], h.now);
     let second = only_assignment(&h.apply());
     assert_eq!(second.tile, (0, 0), "the running tile is not offered twice");

@@ -177,3 +177,58 @@ async fn a_job_outlives_the_coordinator_it_was_submitted_to() {
     );
     assert!(worker.try_wait().is_none(), "the worker carried on");
 }
+
+#[tokio::test]
+async fn a_coordinator_that_stops_gives_its_tiles_back_at_once() {
+    let pg = Postgres::start(true).await;
+    // Claims would outlive the test: only giving them back lets B finish the job.
+    let ttl = ["--tile-edge", "32", "--claim-ttl", "10m"];
+    let (mut a, _) = coordinator(&pg, &ttl).await;
+    let (b, _) = coordinator(&pg, &ttl).await;
+    let _slow = Worker::start_with(
+        &a.url,
+        &token("slow", Role::Volunteer),
+        1,
+        &["--chaos", "slow=1"],
+    );
+    a.wait_workers_connected(1).await;
+    let t = token("ada", Role::Submitter);
+    let job = submit(&a, &t, (64, 32, 96), 40).await;
+    a.follow(&job.id, &t, |e| e["tiles_done"].as_u64().unwrap_or(0) >= 1)
+        .await;
+    let held = pg.number("SELECT count(*) FROM tiles WHERE state = 'claimed'");
+    assert!(held >= 1, "A holds claims on the tiles its worker computes");
+    let _fast = b.worker("fast", 1);
+    assert!(a.terminate().success());
+    let last = b.wait_job(&job.id, &t).await;
+    assert_eq!(last["state"], "done", "{last}");
+    let got = b.result_values(&job.id, &t).await;
+    assert_close(&got, &job.want, job.k, false);
+    assert!(pg.number("SELECT count(*) FROM tiles WHERE claims > 1") >= 1);
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_be_reached_is_named_at_start() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    for (url, says) in [
+        (
+            format!("postgres://tabgrid@127.0.0.1:{port}/tabgrid"),
+            "opening the store in the database",
+        ),
+        (
+            "postgres://tabgrid@127.0.0.1:notaport/x".to_owned(),
+            "--database-url",
+        ),
+    ] {
+        let out = std::process::Command::new(bin("tabgrid"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+            .env("TABGRID_JWT_SECRET", SECRET)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
+    }
+}

@@ -372,6 +372,9 @@ enum Write {
 /// Job records written but maybe not committed yet, with the write's sequence number.
 type Overlay = Arc<Mutex<HashMap<String, (JobRecord, u64)>>>;
 
+/// Told of each job whose last tile this coordinator committed, with its tiles.
+type FinishedHook = Arc<Mutex<Option<Box<dyn Fn(&str, u64) + Send + Sync>>>>;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -383,6 +386,7 @@ pub struct PgStore {
     tasks: Mutex<Option<mpsc::Sender<Task>>>,
     writes: Mutex<Option<mpsc::Sender<Write>>>,
     overlay: Overlay,
+    finished: FinishedHook,
     seq: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -418,12 +422,14 @@ impl PgStore {
         }
         let (write_tx, write_rx) = mpsc::channel();
         let overlay: Overlay = Arc::default();
+        let finished: FinishedHook = Arc::default();
         let writer = Writer {
             config: config.clone(),
             client: None,
             statements: None,
             coordinator: coordinator.to_owned(),
             overlay: overlay.clone(),
+            finished: finished.clone(),
         };
         threads.push(
             std::thread::Builder::new()
@@ -437,9 +443,16 @@ impl PgStore {
             tasks: Mutex::new(Some(task_tx)),
             writes: Mutex::new(Some(write_tx)),
             overlay,
+            finished,
             seq: AtomicU64::new(1),
             threads: Mutex::new(threads),
         })
+    }
+
+    /// Calls `hook` with each job (and its tile count) whose last tile this coordinator
+    /// wrote, once committed: the job is done everywhere.
+    pub fn on_finished(&self, hook: impl Fn(&str, u64) + Send + Sync + 'static) {
+        *lock(&self.finished) = Some(Box::new(hook));
     }
 
     /// This coordinator's name in the database.
@@ -532,6 +545,7 @@ struct Writer {
     statements: Option<Statements>,
     coordinator: String,
     overlay: Overlay,
+    finished: FinishedHook,
 }
 
 impl Writer {
@@ -545,9 +559,10 @@ impl Writer {
                 }
             }
             let mut outcome = Err(StoreError::Backend("not written".into()));
+            let mut finished = Vec::new();
             // Every write is idempotent: a batch cut off by a lost connection is retried.
             for attempt in 0..3 {
-                outcome = self.commit(&batch);
+                outcome = self.commit(&batch).map(|done| finished = done);
                 match &outcome {
                     Ok(()) => break,
                     Err(err) => {
@@ -571,6 +586,11 @@ impl Writer {
                 }
             }
             lock(&self.overlay).retain(|_, (_, seq)| *seq > committed);
+            if let Some(hook) = lock(&self.finished).as_ref() {
+                for (job, tiles) in finished {
+                    hook(&job, tiles);
+                }
+            }
         }
     }
 
@@ -581,23 +601,30 @@ impl Writer {
             self.statements = Some(Statements {
                 tile: prepare(
                     &mut client,
-                    "UPDATE tiles SET state = 'done', payload = $4, digest = $5, done_by = $6, \
-                     done_at = now(), coordinator = NULL, deadline = NULL \
-                     WHERE job_id = $1 AND i = $2 AND j = $3 AND state <> 'done'",
+                    "UPDATE tiles AS t SET state = 'done', payload = u.payload, digest = u.digest, \
+                     done_by = $6, done_at = now(), coordinator = NULL, deadline = NULL \
+                     FROM unnest($1::TEXT[], $2::INTEGER[], $3::INTEGER[], $4::BYTEA[], $5::BYTEA[]) \
+                     AS u (job_id, i, j, payload, digest) \
+                     WHERE t.job_id = u.job_id AND t.i = u.i AND t.j = u.j AND t.state <> 'done' \
+                     RETURNING t.job_id",
                 )?,
                 count: prepare(
                     &mut client,
                     "UPDATE jobs SET tiles_done = tiles_done + $2, \
                      state = CASE WHEN tiles_done + $2 >= tiles_total THEN 'done' ELSE 'running' END, \
                      finished_at = CASE WHEN tiles_done + $2 >= tiles_total THEN now() ELSE finished_at END \
-                     WHERE id = $1 AND state IN ('queued', 'running')",
+                     WHERE id = $1 AND state IN ('queued', 'running') \
+                     RETURNING state, tiles_done",
                 )?,
                 lease: prepare(
                     &mut client,
                     "INSERT INTO leases (coordinator, lease, job_id, i, j, claim, worker, speculative, \
                      issued_at, deadline) \
-                     SELECT $1, $2, $3, $4, $5, claims, $6, $7, now(), now() + make_interval(secs => $8) \
-                     FROM tiles WHERE job_id = $3 AND i = $4 AND j = $5 \
+                     SELECT $1, u.lease, u.job_id, u.i, u.j, t.claims, u.worker, u.speculative, now(), \
+                     now() + make_interval(secs => u.secs) \
+                     FROM unnest($2::BIGINT[], $3::TEXT[], $4::INTEGER[], $5::INTEGER[], $6::BIGINT[], \
+                     $7::BOOLEAN[], $8::DOUBLE PRECISION[]) AS u (lease, job_id, i, j, worker, speculative, secs) \
+                     JOIN tiles AS t ON t.job_id = u.job_id AND t.i = u.i AND t.j = u.j \
                      ON CONFLICT DO NOTHING",
                 )?,
                 record: prepare(
@@ -617,54 +644,23 @@ impl Writer {
         ))
     }
 
-    fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError> {
+    /// Commits `batch`; returns the jobs it finished, with their tile counts. Runs of
+    /// tiles and of leases each go in one statement (arrays unnested), so a batch costs
+    /// a few round trips whatever its size.
+    fn commit(&mut self, batch: &[Write]) -> Result<Vec<(String, u64)>, StoreError> {
         let me = self.coordinator.clone();
         let (client, st) = self.connection()?;
         let mut tx = client.transaction().map_err(backend)?;
-        // Newly done tiles per job, counted once the whole batch's tiles are in.
-        let mut done: Vec<(&str, i64)> = Vec::new();
+        let mut tiles: Vec<&TileWrite> = Vec::new();
+        let mut leases: Vec<&LeaseIssued> = Vec::new();
+        let mut finished = Vec::new();
         for write in batch {
             match write {
-                Write::Tile(tile) => {
-                    let changed = tx
-                        .execute(
-                            &st.tile,
-                            &[
-                                &tile.job,
-                                &(tile.tile.0 as i32),
-                                &(tile.tile.1 as i32),
-                                &tile.payload,
-                                &hash(&tile.payload),
-                                &me,
-                            ],
-                        )
-                        .map_err(backend)? as i64;
-                    match done.iter_mut().find(|(job, _)| *job == tile.job) {
-                        Some((_, n)) => *n += changed,
-                        None => done.push((&tile.job, changed)),
-                    }
-                }
-                Write::Lease(lease) => {
-                    tx.execute(
-                        &st.lease,
-                        &[
-                            &me,
-                            &(lease.lease as i64),
-                            &lease.job,
-                            &(lease.tile.0 as i32),
-                            &(lease.tile.1 as i32),
-                            &(lease.worker as i64),
-                            &lease.speculative,
-                            &(lease.deadline_ms as f64 / 1e3),
-                        ],
-                    )
-                    .map_err(backend)?;
-                }
+                Write::Tile(tile) => tiles.push(tile),
+                Write::Lease(lease) => leases.push(lease),
                 Write::Record(record, _) => {
-                    // Counts first: a job marked done here needs its tiles counted.
-                    for (job, n) in done.drain(..) {
-                        tx.execute(&st.count, &[&job, &n]).map_err(backend)?;
-                    }
+                    // Tiles first: a job marked done here needs its tiles counted.
+                    write_tiles(&mut tx, st, &me, &mut tiles, &mut finished)?;
                     tx.execute(
                         &st.record,
                         &[
@@ -679,11 +675,76 @@ impl Writer {
                 Write::Flush(_) => {}
             }
         }
-        for (job, n) in done {
-            tx.execute(&st.count, &[&job, &n]).map_err(backend)?;
-        }
-        tx.commit().map_err(backend)
+        write_tiles(&mut tx, st, &me, &mut tiles, &mut finished)?;
+        write_leases(&mut tx, st, &me, &mut leases)?;
+        tx.commit().map_err(backend)?;
+        Ok(finished)
     }
+}
+
+/// Writes `tiles` (and empties it), counts the newly done ones on their jobs, and adds the
+/// jobs that became done to `finished`.
+fn write_tiles(
+    tx: &mut ::postgres::Transaction<'_>,
+    st: &Statements,
+    me: &str,
+    tiles: &mut Vec<&TileWrite>,
+    finished: &mut Vec<(String, u64)>,
+) -> Result<(), StoreError> {
+    if tiles.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<&str> = tiles.iter().map(|t| t.job.as_str()).collect();
+    let is: Vec<i32> = tiles.iter().map(|t| t.tile.0 as i32).collect();
+    let js: Vec<i32> = tiles.iter().map(|t| t.tile.1 as i32).collect();
+    let payloads: Vec<&[u8]> = tiles.iter().map(|t| t.payload.as_slice()).collect();
+    let digests: Vec<Vec<u8>> = tiles.iter().map(|t| hash(&t.payload)).collect();
+    let written = tx
+        .query(&st.tile, &[&jobs, &is, &js, &payloads, &digests, &me])
+        .map_err(backend)?;
+    let mut done: Vec<(String, i64)> = Vec::new();
+    for row in written {
+        let job: String = row.get(0);
+        match done.iter_mut().find(|(j, _)| *j == job) {
+            Some((_, n)) => *n += 1,
+            None => done.push((job, 1)),
+        }
+    }
+    tiles.clear();
+    for (job, n) in done {
+        for row in tx.query(&st.count, &[&job, &n]).map_err(backend)? {
+            if row.get::<_, &str>(0) == JobState::Done.name() {
+                finished.push((job.clone(), row.get::<_, i64>(1) as u64));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records `leases` (and empties it).
+fn write_leases(
+    tx: &mut ::postgres::Transaction<'_>,
+    st: &Statements,
+    me: &str,
+    leases: &mut Vec<&LeaseIssued>,
+) -> Result<(), StoreError> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = leases.iter().map(|l| l.lease as i64).collect();
+    let jobs: Vec<&str> = leases.iter().map(|l| l.job.as_str()).collect();
+    let is: Vec<i32> = leases.iter().map(|l| l.tile.0 as i32).collect();
+    let js: Vec<i32> = leases.iter().map(|l| l.tile.1 as i32).collect();
+    let workers: Vec<i64> = leases.iter().map(|l| l.worker as i64).collect();
+    let speculative: Vec<bool> = leases.iter().map(|l| l.speculative).collect();
+    let seconds: Vec<f64> = leases.iter().map(|l| l.deadline_ms as f64 / 1e3).collect();
+    tx.execute(
+        &st.lease,
+        &[&me, &ids, &jobs, &is, &js, &workers, &speculative, &seconds],
+    )
+    .map_err(backend)?;
+    leases.clear();
+    Ok(())
 }
 
 impl Store for PgStore {
