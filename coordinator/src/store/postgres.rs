@@ -117,6 +117,9 @@ CREATE TABLE IF NOT EXISTS leases (
     PRIMARY KEY (coordinator, lease)
 );
 CREATE INDEX IF NOT EXISTS leases_job ON leases (job_id);
+-- Matrices are floating-point noise to a compressor: stored as they are, not compressed.
+ALTER TABLE operands ALTER COLUMN bytes SET STORAGE EXTERNAL;
+ALTER TABLE tiles ALTER COLUMN payload SET STORAGE EXTERNAL;
 ";
 
 const JOB_COLUMNS: &str = "id, owner, name, dtype, m, n, k, tile_m, tile_n, alpha, beta, \
