@@ -141,18 +141,26 @@ fn connect(config: &::postgres::Config) -> Result<Client, StoreError> {
 }
 
 /// Creates the tables (once, whichever coordinator comes first) and refuses a database
-/// written by a newer tabgrid.
+/// written by a newer tabgrid. A database already at this version is left alone: no DDL
+/// (and no table lock) while other coordinators serve.
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let mut tx = client.transaction().map_err(backend)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .map_err(backend)?;
-    tx.batch_execute(SCHEMA).map_err(backend)?;
-    let version: Option<String> = tx
-        .query_opt("SELECT value FROM tabgrid_meta WHERE key = 'schema'", &[])
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('tabgrid_meta') IS NOT NULL", &[])
         .map_err(backend)?
-        .map(|row| row.get(0));
+        .get(0);
+    let version: Option<String> = if exists {
+        tx.query_opt("SELECT value FROM tabgrid_meta WHERE key = 'schema'", &[])
+            .map_err(backend)?
+            .map(|row| row.get(0))
+    } else {
+        None
+    };
     match version.map(|v| v.parse::<i64>()) {
         None => {
+            tx.batch_execute(SCHEMA).map_err(backend)?;
             tx.execute(
                 "INSERT INTO tabgrid_meta (key, value) VALUES ('schema', $1)",
                 &[&SCHEMA_VERSION.to_string()],
