@@ -66,7 +66,7 @@ impl Claims {
         let weak = Arc::downgrade(&grid);
         store.on_finished(move |id, tiles| {
             if let Some(grid) = weak.upgrade() {
-                grid.ended_elsewhere(id, crate::store::JobState::Done, tiles, None);
+                grid.ended_elsewhere(id, crate::store::JobState::Done, tiles, None, true);
             }
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -164,9 +164,13 @@ impl Loop {
                 self.starved = false;
             }
         }
+        let metrics = self.grid.metrics().clone();
         if let Some(session) = self.session() {
             match session.give_back_all() {
-                Ok(n) if n > 0 => tracing::info!(tiles = n, "gave claims back"),
+                Ok(n) if n > 0 => {
+                    metrics.tile_claims("given_back", n);
+                    tracing::info!(tiles = n, "gave claims back");
+                }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "giving claims back failed; they expire"),
             }
@@ -214,8 +218,9 @@ impl Loop {
     fn poll(&mut self) -> Result<(), StoreError> {
         let live = self.grid.job_ids();
         self.live = live.clone();
+        let reaped = self.connected()?.reap()?;
+        self.grid.metrics().tile_claims("reaped", reaped);
         let session = self.connected()?;
-        let reaped = session.reap()?;
         if reaped > 0 {
             tracing::info!(tiles = reaped, "took back claims past their deadline");
         }
@@ -232,10 +237,11 @@ impl Loop {
                     crate::store::JobState::Cancelled,
                     0,
                     Some("deleted".into()),
+                    false,
                 ),
                 Some(s) if s.state.is_terminal() => {
                     self.grid
-                        .ended_elsewhere(id, s.state, s.tiles_done, s.error.clone())
+                        .ended_elsewhere(id, s.state, s.tiles_done, s.error.clone(), false)
                 }
                 Some(s) => self.grid.set_progress(id, s.state, s.tiles_done),
             }
@@ -281,7 +287,8 @@ impl Loop {
         // Nobody here to compute held tiles: other coordinators may have workers.
         for (id, tiles) in self.grid.idle_claims() {
             let released = self.grid.release(&id, &tiles);
-            self.connected()?.give_back(&id, &released)?;
+            let n = self.connected()?.give_back(&id, &released)?;
+            self.grid.metrics().tile_claims("given_back", n);
         }
         Ok(())
     }
@@ -302,7 +309,8 @@ impl Loop {
                 .copied()
                 .collect();
             if !unused.is_empty() {
-                self.connected()?.give_back(id, &unused)?;
+                let n = self.connected()?.give_back(id, &unused)?;
+                self.grid.metrics().tile_claims("given_back", n);
             }
         }
         for (id, tiles) in local {
@@ -318,6 +326,7 @@ impl Loop {
                     "claims lost; their work here is cancelled"
                 );
                 self.grid.release(&id, &lost);
+                self.grid.metrics().tile_claims("lost", lost.len() as u64);
             }
         }
         Ok(())
@@ -364,6 +373,9 @@ impl Loop {
                     continue;
                 }
                 got_any = true;
+                self.grid
+                    .metrics()
+                    .tile_claims("claimed", tiles.len() as u64);
                 wanted = wanted.saturating_sub(tiles.len() as u64);
                 self.grid.offer(&status.id, &tiles);
             }

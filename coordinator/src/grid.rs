@@ -250,6 +250,17 @@ impl Nudge {
     }
 }
 
+/// How a job leaves the grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// It ended here: the store records its final state (and result).
+    Recorded,
+    /// The store never recorded it (a failed submission): it leaves no trace.
+    Withdrawn,
+    /// The shared store says it ended (`finished_here`: by this coordinator's write).
+    Observed { finished_here: bool },
+}
+
 /// Jobs remembered in [`Inner::ended`].
 const ENDED_REMEMBERED: usize = 1024;
 
@@ -389,7 +400,7 @@ impl Grid {
         if let Err(err) = durable.wait() {
             tracing::error!(job = record.id, error = %err, "recording a job failed; withdrawn");
             let mut inner = self.lock();
-            self.end(&mut inner, id, JobState::Cancelled, None, false);
+            self.end(&mut inner, id, JobState::Cancelled, None, Ending::Withdrawn);
             self.apply(&mut inner);
             return Err(err);
         }
@@ -563,14 +574,16 @@ impl Grid {
         }
     }
 
-    /// A live job ended on another coordinator (or was deleted there): it stops here
-    /// without writing to the store.
+    /// A live job ended in the shared store (by this coordinator's own write of its last
+    /// tile when `finished_here`, else on another coordinator, or it was deleted there):
+    /// it stops here without writing to the store.
     pub fn ended_elsewhere(
         &self,
         id: &str,
         state: JobState,
         tiles_done: u64,
         error: Option<String>,
+        finished_here: bool,
     ) {
         let mut inner = self.lock();
         let Some(&job) = inner.by_name.get(id) else {
@@ -579,7 +592,13 @@ impl Grid {
         if let Some(live) = inner.jobs.get_mut(&job) {
             live.record.tiles_done = tiles_done;
         }
-        self.end(&mut inner, job, state, error, false);
+        self.end(
+            &mut inner,
+            job,
+            state,
+            error,
+            Ending::Observed { finished_here },
+        );
         self.apply(&mut inner);
     }
 
@@ -1174,18 +1193,17 @@ impl Grid {
     /// Ends a live job: its record reaches its final state in the store (with the result
     /// when done), its leases are cancelled and its operands released.
     fn finish(&self, inner: &mut Inner, job_id: JobId, state: JobState, error: Option<String>) {
-        self.end(inner, job_id, state, error, true);
+        self.end(inner, job_id, state, error, Ending::Recorded);
     }
 
-    /// [`Grid::finish`], telling the store only when `record` (a job the store never
-    /// recorded is withdrawn without a trace).
+    /// [`Grid::finish`], telling the store only when the job ended here (`Recorded`).
     fn end(
         &self,
         inner: &mut Inner,
         job_id: JobId,
         state: JobState,
         error: Option<String>,
-        record: bool,
+        ending: Ending,
     ) {
         let Some(mut job) = inner.jobs.remove(&job_id) else {
             return;
@@ -1207,7 +1225,7 @@ impl Grid {
         job.record.state = state;
         job.record.finished_at = Some(SystemTime::now());
         job.record.error = error;
-        let stored = record;
+        let stored = ending == Ending::Recorded;
         let LiveJob {
             record,
             result,
@@ -1229,7 +1247,16 @@ impl Grid {
             tiles_total: record.tiles_total,
             error: record.error.clone(),
         });
-        self.metrics.job_finished(state.name());
+        if matches!(
+            ending,
+            Ending::Recorded
+                | Ending::Observed {
+                    finished_here: true
+                }
+        ) {
+            // Counted once across coordinators sharing a store: where it ended.
+            self.metrics.job_finished(state.name());
+        }
         tracing::info!(job = record.id, state = state.name(), "job finished");
         self.update_job_gauges(inner);
     }

@@ -21,6 +21,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -36,6 +41,7 @@ pub struct Metrics {
     tiles_speculative: Counter,
     tiles_accepted: Counter,
     tiles_resumed: Counter,
+    tile_claims: Family<EventLabel, Counter>,
     tiles_reassigned: Family<ReasonLabel, Counter>,
     results_refused: Family<ReasonLabel, Counter>,
     connections_refused: Family<ReasonLabel, Counter>,
@@ -67,6 +73,7 @@ impl Metrics {
             tiles_speculative: Counter::default(),
             tiles_accepted: Counter::default(),
             tiles_resumed: Counter::default(),
+            tile_claims: Family::default(),
             tiles_reassigned: Family::default(),
             results_refused: Family::default(),
             connections_refused: Family::default(),
@@ -111,6 +118,11 @@ impl Metrics {
             "tiles_resumed",
             "Tiles accepted before a restart and kept, not computed again",
             m.tiles_resumed.clone(),
+        );
+        registry.register(
+            "tile_claims",
+            "Claims on tiles in a shared database (claimed; given_back; lost: taken over after its deadline; reaped: a dead coordinator's put back)",
+            m.tile_claims.clone(),
         );
         registry.register(
             "tiles_reassigned",
@@ -200,6 +212,15 @@ impl Metrics {
     pub fn tile_accepted(&self, lease_seconds: f64) {
         self.tiles_accepted.inc();
         self.lease_seconds.observe(lease_seconds);
+    }
+
+    /// Claims on tiles of a shared database: `claimed`, `given_back`, `lost`, `reaped`.
+    pub fn tile_claims(&self, event: &'static str, tiles: u64) {
+        if tiles > 0 {
+            self.tile_claims
+                .get_or_create(&EventLabel { event })
+                .inc_by(tiles);
+        }
     }
 
     pub fn tiles_resumed(&self, tiles: u64) {

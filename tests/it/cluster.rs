@@ -119,6 +119,10 @@ async fn coordinators_share_jobs_and_never_hand_one_tile_to_two_workers() {
         pg.number("SELECT count(*) FROM leases WHERE NOT speculative"),
         tiles
     );
+    // Each job counts as finished once, on one coordinator or the other.
+    let done = "tabgrid_jobs_finished_total{state=\"done\"}";
+    let finished = metric(&a.metrics().await, done) + metric(&b.metrics().await, done);
+    assert_eq!(finished, 2.0);
     // A deletion through one coordinator is seen by the other.
     assert_eq!(b.delete(&format!("/jobs/{}", first.id), &t).await, 204);
     let gone = a.get(&format!("/jobs/{}", first.id), &t).await;
@@ -176,6 +180,9 @@ async fn a_job_outlives_the_coordinator_it_was_submitted_to() {
         6 - kept
     );
     assert!(worker.try_wait().is_none(), "the worker carried on");
+    let metrics = b.metrics().await;
+    assert!(metric(&metrics, "tabgrid_tile_claims_total{event=\"reaped\"}") >= 1.0);
+    assert!(metric(&metrics, "tabgrid_tile_claims_total{event=\"claimed\"}") >= 1.0);
 }
 
 #[tokio::test]
