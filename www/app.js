@@ -128,17 +128,36 @@ async function loadManifest() {
   return response.json();
 }
 
+// A module whose one function returns f32x4.relaxed_madd of three zero vectors: it
+// validates only where the browser has relaxed-simd (and so the FMA the faster bundle uses).
+function hasRelaxedSimd() {
+  const zero = [0xfd, 0x0c, ...new Array(16).fill(0)];
+  const body = [0x00, ...zero, ...zero, ...zero, 0xfd, 0x85, 0x02, 0x0b];
+  return WebAssembly.validate(new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x05, 0x01, 0x60, 0x00, 0x01, 0x7b, // types: () -> v128
+    0x03, 0x02, 0x01, 0x00, // one function of type 0
+    0x0a, body.length + 2, 0x01, body.length, ...body, // its code
+  ]));
+}
+
 function pickBundle(manifest) {
   if (self.crossOriginIsolated && manifest.bundles.threaded) {
     notice('');
-    return { name: 'threaded', ...manifest.bundles.threaded };
+    // `?simd=128` keeps the plain simd128 kernel (to compare the two).
+    const plain = new URLSearchParams(location.search).get('simd') === '128';
+    const relaxed = manifest.bundles['threaded-relaxed'];
+    if (relaxed && !plain && hasRelaxedSimd()) {
+      return { name: 'threaded-relaxed', threaded: true, ...relaxed };
+    }
+    return { name: 'threaded', threaded: true, ...manifest.bundles.threaded };
   }
   const why = !self.isSecureContext
     ? 'this page is not a secure context (plain http on an address other than localhost; the coordinator can serve https with --tls-cert/--tls-key)'
     : 'this page is not cross-origin isolated (the server did not send the COOP/COEP headers)';
   notice(`Computing on one thread only: ${why}. Browsers allow threads in WebAssembly only on isolated pages.`);
   threads = 1;
-  return { name: 'single', ...manifest.bundles.single };
+  return { name: 'single', threaded: false, ...manifest.bundles.single };
 }
 
 function socketUrl() {
@@ -168,7 +187,7 @@ function start() {
   worker.postMessage({
     type: 'start',
     script: new URL(bundle.script, location.href).href,
-    threaded: bundle.name === 'threaded',
+    threaded: bundle.threaded,
     url: socketUrl(),
     token,
     threads,
@@ -192,7 +211,7 @@ function restart() {
 
 function setUpControls() {
   const select = $('threads');
-  const limit = tabgrid.bundle.name === 'threaded' ? Math.max(MAX_THREADS, threads) : 1;
+  const limit = tabgrid.bundle.threaded ? Math.max(MAX_THREADS, threads) : 1;
   for (let n = 1; n <= limit; n++) {
     const option = new Option(String(n), String(n), false, n === threads);
     select.add(option);

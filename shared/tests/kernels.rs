@@ -777,6 +777,10 @@ fn active_path_names_the_dispatched_kernel() {
         assert_eq!(kernels::active_path(), "x86_64-avx2-fma");
         return;
     }
+    if cfg!(all(target_arch = "wasm32", target_feature = "relaxed-simd")) {
+        assert_eq!(kernels::active_path(), "wasm32-relaxed-simd");
+        return;
+    }
     if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
         assert_eq!(kernels::active_path(), "wasm32-simd128");
         return;

@@ -1,7 +1,8 @@
 //! `cargo xtask bench browser`: the browser volunteer measured in a real headless Chromium
 //! against the same kernel natively, in one run — kernel GFLOP/s per thread (1 and 2
-//! threads), time from opening the page to its first finished tile, a hidden tab's
-//! throughput against a visible one's, and the bundles' sizes.
+//! threads) with the simd128 bundle and the relaxed-simd one, time from opening the page
+//! to its first finished tile, a hidden tab's throughput against a visible one's, and the
+//! bundles' sizes.
 //!
 //! Every figure is a median over repeated, interleaved runs; ratios are taken within a
 //! run so that the machine's drift cancels.
@@ -55,15 +56,27 @@ fn page_url(c: &Coordinator, threads: usize) -> String {
     format!("{}/?threads={threads}#token={volunteer}", c.url)
 }
 
+/// [`page_url`] with the plain simd128 bundle instead of relaxed-simd.
+fn simd128_url(c: &Coordinator, threads: usize) -> String {
+    page_url(c, threads).replacen("#token", "&simd=128#token", 1)
+}
+
 async fn kernels(c: &Coordinator, browser: &Browser) {
     println!(
         "\n## Kernel in a tab vs natively (median GFLOP/s of {REPS} products, {ROUNDS} rounds)\n"
     );
-    println!("| dtype | n | threads | tab | native | tab / native |");
-    println!("|---|---|---|---|---|---|");
-    for threads in [1usize, 2] {
-        let page = browser.open(&page_url(c, threads), false).await;
+    println!("| kernel | dtype | n | threads | tab | native | tab / native |");
+    println!("|---|---|---|---|---|---|---|");
+    for (url, threads) in [
+        (simd128_url(c, 1), 1usize),
+        (simd128_url(c, 2), 2),
+        (page_url(c, 1), 1),
+        (page_url(c, 2), 2),
+    ] {
+        let page = browser.open(&url, false).await;
         page.joined().await;
+        let kernel = page.eval("tabgrid.state.kernel").await;
+        let kernel = kernel.as_str().unwrap_or("?").to_owned();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -87,7 +100,7 @@ async fn kernels(c: &Coordinator, browser: &Browser) {
                     ratio.push(t / nat);
                 }
                 println!(
-                    "| {dtype} | {n} | {threads} | {:.1} | {:.1} | **{:.2}** |",
+                    "| {kernel} | {dtype} | {n} | {threads} | {:.1} | {:.1} | **{:.2}** |",
                     median(&mut tab),
                     median(&mut native),
                     median(&mut ratio)
@@ -175,7 +188,7 @@ async fn hidden_vs_visible(c: &Coordinator, browser: &Browser, bearer: &str) {
 fn bundle_sizes() {
     let pkg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../www/pkg");
     println!("\n## Bundle sizes\n\n| bundle | file | bytes | gzip -9 |\n|---|---|---|---|");
-    for bundle in ["threaded", "single"] {
+    for bundle in ["threaded", "threaded-relaxed", "single"] {
         for file in ["tabgrid_client_wasm_bg.wasm", "tabgrid_client_wasm.js"] {
             let path = pkg.join(bundle).join(file);
             let raw = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

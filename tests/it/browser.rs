@@ -22,7 +22,12 @@ async fn one_tab_computes_jobs_on_threads() {
     let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
     page.joined().await;
     assert_eq!(page.eval("self.crossOriginIsolated").await, true);
-    assert_eq!(page.eval("tabgrid.bundle.name").await, "threaded");
+    // Chromium has relaxed-simd: the page picks the bundle whose kernel uses its FMA.
+    assert_eq!(page.eval("tabgrid.bundle.name").await, "threaded-relaxed");
+    assert_eq!(
+        page.eval("tabgrid.state.kernel").await,
+        "wasm32-relaxed-simd"
+    );
 
     let listed = workers(&c).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -242,11 +247,15 @@ async fn the_page_works_over_https_with_a_self_signed_certificate() {
     assert!(c.url.starts_with("https://"), "{}", c.url);
 
     let browser = Browser::launch(&["--ignore-certificate-errors"]).await;
-    let page = browser.open(&format!("{}/?threads=2", c.url), false).await;
+    // `simd=128`: the plain simd128 bundle, which browsers without relaxed-simd get.
+    let page = browser
+        .open(&format!("{}/?threads=2&simd=128", c.url), false)
+        .await;
     page.joined().await;
     assert_eq!(page.eval("location.protocol").await, "https:");
     assert_eq!(page.eval("self.crossOriginIsolated").await, true);
     assert_eq!(page.eval("tabgrid.bundle.name").await, "threaded");
+    assert_eq!(page.eval("tabgrid.state.kernel").await, "wasm32-simd128");
 
     // The test's own HTTP client speaks no TLS: the job goes through the page's fetch.
     let (m, k, n) = (129, 77, 65);

@@ -16,7 +16,8 @@ usage: cargo xtask <command>
   wasm            build the browser bundles (threaded and single-threaded) into www/pkg
   test            build the binaries and bundles, then run every test (unit, integration,
                   end-to-end, browser)
-  test-wasi       shared's tests (the kernels' proptests) as wasm32 + simd128 under Node's WASI
+  test-wasi       shared's tests (the kernels' proptests) as wasm32 + simd128, then with
+                  relaxed-simd too, under Node's WASI
   ci              what CI runs: fmt check, clippy -D warnings (native and client-wasm),
                   wasm32 build of shared, shared's tests under wasm32-wasip1 (Node), test
   bench e2e       end-to-end 2048² f32 job on `cluster --workers 1` vs the same kernel in one process
@@ -177,14 +178,27 @@ fn test_wasi() -> anyhow::Result<()> {
     let root = root();
     let runner = format!("node {}", root.join("xtask/wasi-runner.mjs").display());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .args(["test", "-p", "tabgrid-shared", "--target", "wasm32-wasip1"])
-        .env("CARGO_TARGET_WASM32_WASIP1_RUNNER", runner)
-        .env(
-            "CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS",
-            "-C target-feature=+simd128",
-        )
-        .env("CARGO_TARGET_DIR", root.join("target/wasi")))
+    // Both browser kernels: simd128, then relaxed-simd (Node 20's V8 validates it only
+    // behind a flag; browsers ship it). Separate target dirs keep both builds cached.
+    for (features, node_flags, dir) in [
+        ("+simd128", "", "target/wasi"),
+        (
+            "+simd128,+relaxed-simd",
+            "--experimental-wasm-relaxed-simd ",
+            "target/wasi-relaxed",
+        ),
+    ] {
+        let runner = runner.replacen("node ", &format!("node {node_flags}"), 1);
+        run(Command::new(&cargo)
+            .args(["test", "-p", "tabgrid-shared", "--target", "wasm32-wasip1"])
+            .env("CARGO_TARGET_WASM32_WASIP1_RUNNER", runner)
+            .env(
+                "CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS",
+                format!("-C target-feature={features}"),
+            )
+            .env("CARGO_TARGET_DIR", root.join(dir)))?;
+    }
+    Ok(())
 }
 
 fn bench_e2e(extra: &[&str]) -> anyhow::Result<()> {

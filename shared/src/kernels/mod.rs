@@ -11,7 +11,8 @@
 //!   at runtime, since most x86_64 targets do not assume them;
 //! - `wasm32` (`simd128`) is picked at compile time, since wasm has no runtime feature
 //!   detection (an engine without `simd128` rejects the whole module), so it exists only in
-//!   builds with `-C target-feature=+simd128`;
+//!   builds with `-C target-feature=+simd128`; with `+relaxed-simd` too, its steps are
+//!   `relaxed_madd` (an FMA where the engine has one) instead of a multiply and an add;
 //! - `aarch64` (NEON) is picked at compile time too, since NEON is part of the AArch64
 //!   baseline; only a target that turns it off (`aarch64-unknown-none-softfloat`) falls back.
 //!
@@ -625,6 +626,8 @@ impl Path {
             #[cfg(target_arch = "x86_64")]
             Path::Avx512 => "x86_64-avx512f",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Path::Simd128 if cfg!(target_feature = "relaxed-simd") => "wasm32-relaxed-simd",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Path::Simd128 => "wasm32-simd128",
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
             Path::Neon => "aarch64-neon",
@@ -841,8 +844,7 @@ pub fn par_gemm_portable<T: Element>(
 }
 
 /// Name of the path [`gemm`] takes on this machine: `"x86_64-avx512f"`, `"x86_64-avx2-fma"`,
-/// `"wasm32-simd128"`,
-/// `"aarch64-neon"` or `"portable"`.
+/// `"wasm32-simd128"`, `"wasm32-relaxed-simd"`, `"aarch64-neon"` or `"portable"`.
 /// Workers report it so slow or odd results can be traced to a code path.
 pub fn active_path() -> &'static str {
     Path::detect().name()

@@ -5,15 +5,14 @@
 //! As on x86_64, the micro-kernels use intrinsics rather than trusting LLVM to vectorize the
 //! portable loops once the whole driver is inlined around them. With rustc 1.95 it does, and
 //! both run at the same speed; the intrinsics make that a property of the code rather than
-//! of the compiler version. simd128 has no fused multiply-add (that is the separate
-//! `relaxed-simd` proposal), so each step multiplies and then adds. The engine's register
-//! allocator, not LLVM's, decides what stays in registers, which is what sizes the tiles.
+//! of the compiler version. simd128 has no fused multiply-add, so each step multiplies and
+//! then adds; built with `+relaxed-simd` as well (the page's third bundle, picked when the
+//! browser validates a relaxed-simd probe), each step is one `relaxed_madd`, which engines
+//! lower to an FMA where the CPU has one. The engine's register allocator, not LLVM's,
+//! decides what stays in registers, which is what sizes the tiles.
 
 use core::any::TypeId;
-use core::arch::wasm32::{
-    f32x4_add, f32x4_mul, f32x4_splat, f64x2_add, f64x2_mul, f64x2_splat, v128, v128_load,
-    v128_store,
-};
+use core::arch::wasm32::{f32x4_splat, f64x2_splat, v128, v128_load, v128_store};
 
 use super::portable::{self, MicroKernel, Portable, Tile, same_slice, same_value};
 use super::{Element, MatMut, MatRef};
@@ -35,6 +34,33 @@ pub(super) fn tile<T>() -> Tile {
     }
 }
 
+/// `c + a·b` per lane: one fused (or not: the engine's choice) `relaxed_madd` where the
+/// bundle has relaxed-simd, a multiply then an add otherwise.
+#[inline(always)]
+fn madd_f32(a: v128, b: v128, c: v128) -> v128 {
+    #[cfg(target_feature = "relaxed-simd")]
+    {
+        core::arch::wasm32::f32x4_relaxed_madd(a, b, c)
+    }
+    #[cfg(not(target_feature = "relaxed-simd"))]
+    {
+        core::arch::wasm32::f32x4_add(c, core::arch::wasm32::f32x4_mul(a, b))
+    }
+}
+
+/// [`madd_f32`] on two f64 lanes.
+#[inline(always)]
+fn madd_f64(a: v128, b: v128, c: v128) -> v128 {
+    #[cfg(target_feature = "relaxed-simd")]
+    {
+        core::arch::wasm32::f64x2_relaxed_madd(a, b, c)
+    }
+    #[cfg(not(target_feature = "relaxed-simd"))]
+    {
+        core::arch::wasm32::f64x2_add(c, core::arch::wasm32::f64x2_mul(a, b))
+    }
+}
+
 /// An `MR x NR` f32 tile held as `MR x NV` vectors of four lanes: per step of the inner sum,
 /// `NV` loads of B and `MR` broadcasts of A feed `MR * NV` multiplies and adds.
 #[inline(always)]
@@ -53,7 +79,7 @@ fn kernel_f32<const MR: usize, const NR: usize, const NV: usize>(
         for (acc, &ai) in acc.iter_mut().zip(a) {
             let ai = f32x4_splat(ai);
             for (acc, &bv) in acc.iter_mut().zip(&b) {
-                *acc = f32x4_add(*acc, f32x4_mul(ai, bv));
+                *acc = madd_f32(ai, bv, *acc);
             }
         }
     }
@@ -85,7 +111,7 @@ fn kernel_f64<const MR: usize, const NR: usize, const NV: usize>(
         for (acc, &ai) in acc.iter_mut().zip(a) {
             let ai = f64x2_splat(ai);
             for (acc, &bv) in acc.iter_mut().zip(&b) {
-                *acc = f64x2_add(*acc, f64x2_mul(ai, bv));
+                *acc = madd_f64(ai, bv, *acc);
             }
         }
     }
