@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use tabgrid_shared::claims::Role;
-use tabgrid_shared::kernels::{Element, MatMut, MatRef, par_gemm};
+use tabgrid_shared::kernels::{Element, MatMut, MatRef, par_gemm, par_gemm_avx2};
 use tabgrid_tests::browser::Browser;
 use tabgrid_tests::*;
 
@@ -25,8 +25,9 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// The native side: the same `par_gemm` on a pool of `threads`, median of `REPS`.
-fn native_gflops<T: Element>(pool: &rayon::ThreadPool, n: usize) -> f64 {
+/// The native side: the same `par_gemm` on a pool of `threads`, median of `REPS`; with
+/// `avx2`, forced onto the 256-bit AVX2+FMA path (the widest most x86 volunteers have).
+fn native_gflops<T: Element>(pool: &rayon::ThreadPool, n: usize, avx2: bool) -> f64 {
     let a: Vec<T> = (0..n * n)
         .map(|i| T::from_f64((i % 7) as f64 * 0.25))
         .collect();
@@ -41,7 +42,11 @@ fn native_gflops<T: Element>(pool: &rayon::ThreadPool, n: usize) -> f64 {
             let a = MatRef::row_major(&a, n, n).unwrap();
             let b = MatRef::row_major(&b, n, n).unwrap();
             let c = MatMut::row_major(&mut c, n, n).unwrap();
-            par_gemm(T::from_f64(1.0), a, b, T::from_f64(0.0), c).unwrap();
+            if avx2 {
+                par_gemm_avx2(T::from_f64(1.0), a, b, T::from_f64(0.0), c).unwrap();
+            } else {
+                par_gemm(T::from_f64(1.0), a, b, T::from_f64(0.0), c).unwrap();
+            }
         });
         times.push(started.elapsed().as_secs_f64());
     }
@@ -65,8 +70,10 @@ async fn kernels(c: &Coordinator, browser: &Browser) {
     println!(
         "\n## Kernel in a tab vs natively (median GFLOP/s of {REPS} products, {ROUNDS} rounds)\n"
     );
-    println!("| kernel | dtype | n | threads | tab | native | tab / native |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| kernel | dtype | n | threads | tab | native | tab / native | native AVX2 | tab / AVX2 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (url, threads) in [
         (simd128_url(c, 1), 1usize),
         (simd128_url(c, 2), 2),
@@ -84,26 +91,34 @@ async fn kernels(c: &Coordinator, browser: &Browser) {
         for dtype in ["f32", "f64"] {
             for n in [512usize, 1024] {
                 let (mut tab, mut native, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut avx2, mut ratio2) = (Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
                     let t = page
                         .eval(&format!("tabgrid.bench('{dtype}', {n}, {REPS})"))
                         .await
                         .as_f64()
                         .unwrap();
-                    let nat = if dtype == "f32" {
-                        native_gflops::<f32>(&pool, n)
-                    } else {
-                        native_gflops::<f64>(&pool, n)
+                    let native_at = |forced| {
+                        if dtype == "f32" {
+                            native_gflops::<f32>(&pool, n, forced)
+                        } else {
+                            native_gflops::<f64>(&pool, n, forced)
+                        }
                     };
+                    let (nat, nat2) = (native_at(false), native_at(true));
                     tab.push(t);
                     native.push(nat);
                     ratio.push(t / nat);
+                    avx2.push(nat2);
+                    ratio2.push(t / nat2);
                 }
                 println!(
-                    "| {kernel} | {dtype} | {n} | {threads} | {:.1} | {:.1} | **{:.2}** |",
+                    "| {kernel} | {dtype} | {n} | {threads} | {:.1} | {:.1} | **{:.2}** | {:.1} | **{:.2}** |",
                     median(&mut tab),
                     median(&mut native),
-                    median(&mut ratio)
+                    median(&mut ratio),
+                    median(&mut avx2),
+                    median(&mut ratio2)
                 );
             }
         }
