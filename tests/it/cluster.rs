@@ -123,6 +123,16 @@ async fn coordinators_share_jobs_and_never_hand_one_tile_to_two_workers() {
     let done = "tabgrid_jobs_finished_total{state=\"done\"}";
     let finished = metric(&a.metrics().await, done) + metric(&b.metrics().await, done);
     assert_eq!(finished, 2.0);
+    // Results are checked against their tiles' checksums: a flipped bit in the database
+    // is an error, never a wrong answer.
+    pg.query(&format!(
+        "UPDATE tiles SET payload = set_byte(payload, 3, get_byte(payload, 3) # 1) \
+         WHERE job_id = '{}' AND i = 0 AND j = 0",
+        second.id
+    ));
+    let damaged = b.get(&format!("/jobs/{}/result", second.id), &t).await;
+    assert_eq!(damaged.status(), 500);
+    b.wait_log("does not match its checksum", 1).await;
     // A deletion through one coordinator is seen by the other.
     assert_eq!(b.delete(&format!("/jobs/{}", first.id), &t).await, 204);
     let gone = a.get(&format!("/jobs/{}", first.id), &t).await;
