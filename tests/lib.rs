@@ -521,6 +521,50 @@ impl Drop for Worker {
     }
 }
 
+/// An f64 job with C, alpha and beta submitted as JSON, and what its result must be.
+pub struct GemmJob {
+    pub id: String,
+    pub k: usize,
+    pub tiles: u64,
+    pub want: Vec<f64>,
+}
+
+impl GemmJob {
+    /// Submits an `m×k · k×n` job with random operands from `seed`.
+    pub async fn submit(
+        c: &ApiClient,
+        bearer: &str,
+        (m, k, n): (usize, usize, usize),
+        seed: u64,
+    ) -> GemmJob {
+        let (alpha, beta) = (1.5, -0.5);
+        let a = random_matrix(m, k, seed);
+        let b = random_matrix(k, n, seed + 1);
+        let cm = random_matrix(m, n, seed + 2);
+        let body = serde_json::json!({
+            "op": "gemm", "dtype": "f64", "alpha": alpha, "beta": beta,
+            "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
+            "c": {"shape": [m, n], "data": cm},
+        });
+        let (status, reply) = c.post_json("/jobs", bearer, &body).await;
+        assert_eq!(status, 201, "{reply}");
+        GemmJob {
+            id: reply["id"].as_str().unwrap().to_owned(),
+            k,
+            tiles: reply["tiles_total"].as_u64().unwrap(),
+            want: reference((m, k, n), alpha, &a, &b, beta, Some(&cm)),
+        }
+    }
+
+    /// The job is done on `c` and its result (as JSON) is right.
+    pub async fn assert_right(&self, c: &ApiClient, bearer: &str) {
+        let job = c.get_json(&format!("/jobs/{}", self.id), bearer).await;
+        assert_eq!(job["state"], "done", "{job}");
+        let got = c.result_values(&self.id, bearer).await;
+        assert_close(&got, &self.want, self.k, false);
+    }
+}
+
 /// A deterministic pseudo-random matrix, row-major, values in [-1, 1).
 pub fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -84,6 +84,22 @@ pub struct NewJob {
     pub plan: TilePlan,
 }
 
+impl NewJob {
+    /// The job a stored record describes, with its operands (a restart, a takeover).
+    fn recorded(record: &JobRecord, operands: JobOperands) -> NewJob {
+        NewJob {
+            owner: record.owner.clone(),
+            name: record.name.clone(),
+            alpha: record.alpha,
+            beta: record.beta,
+            priority: record.priority,
+            quorum: record.quorum,
+            operands,
+            plan: record.plan(),
+        }
+    }
+}
+
 /// A job cut into panels (the slow part of a submission, done before taking the lock).
 #[derive(Debug)]
 pub struct PreparedJob {
@@ -428,16 +444,7 @@ impl Grid {
                 "resuming job"
             );
             self.metrics.tiles_resumed(job.done.len() as u64);
-            let prepared = PreparedJob::new(NewJob {
-                owner: record.owner.clone(),
-                name: record.name.clone(),
-                alpha: record.alpha,
-                beta: record.beta,
-                priority: record.priority,
-                quorum: record.quorum,
-                operands: job.operands,
-                plan: record.plan(),
-            });
+            let prepared = PreparedJob::new(NewJob::recorded(&record, job.operands));
             self.admit(record, prepared, job.done, job.partial);
         }
         Ok((count, kept))
@@ -461,16 +468,7 @@ impl Grid {
         if self.has_job(&record.id) {
             return;
         }
-        let prepared = PreparedJob::new(NewJob {
-            owner: record.owner.clone(),
-            name: record.name.clone(),
-            alpha: record.alpha,
-            beta: record.beta,
-            priority: record.priority,
-            quorum: record.quorum,
-            operands,
-            plan: record.plan(),
-        });
+        let prepared = PreparedJob::new(NewJob::recorded(&record, operands));
         let result = self.result_buffer(&record);
         self.admit(record, prepared, Vec::new(), result);
     }

@@ -2,37 +2,10 @@
 //! share jobs and never hand one tile to two workers, and when one is killed mid-job a
 //! worker given both addresses carries the job to the end through the other.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tabgrid_shared::claims::Role;
 use tabgrid_tests::postgres::Postgres;
 use tabgrid_tests::*;
-
-struct Job {
-    id: String,
-    k: usize,
-    tiles: u64,
-    want: Vec<f64>,
-}
-
-async fn submit(c: &Coordinator, bearer: &str, (m, k, n): (usize, usize, usize), seed: u64) -> Job {
-    let (alpha, beta) = (0.5, 2.0);
-    let a = random_matrix(m, k, seed);
-    let b = random_matrix(k, n, seed + 1);
-    let cm = random_matrix(m, n, seed + 2);
-    let body = json!({
-        "op": "gemm", "dtype": "f64", "alpha": alpha, "beta": beta,
-        "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
-        "c": {"shape": [m, n], "data": cm},
-    });
-    let (status, reply) = c.post_json("/jobs", bearer, &body).await;
-    assert_eq!(status, 201, "{reply}");
-    Job {
-        id: reply["id"].as_str().unwrap().to_owned(),
-        k,
-        tiles: reply["tiles_total"].as_u64().unwrap(),
-        want: reference((m, k, n), alpha, &a, &b, beta, Some(&cm)),
-    }
-}
 
 /// A coordinator on `pg`, with its name in the database.
 async fn coordinator(pg: &Postgres, extra: &[&str]) -> (Coordinator, String) {
@@ -65,8 +38,8 @@ async fn coordinators_share_jobs_and_never_hand_one_tile_to_two_workers() {
     b.wait_workers_connected(2).await;
     let t = token("ada", Role::Submitter);
     // Two jobs at once, one through each coordinator.
-    let first = submit(&a, &t, (192, 48, 160), 1).await;
-    let second = submit(&b, &t, (128, 40, 144), 7).await;
+    let first = GemmJob::submit(&a, &t, (192, 48, 160), 1).await;
+    let second = GemmJob::submit(&b, &t, (128, 40, 144), 7).await;
     assert!(first.tiles >= 100, "{} tiles", first.tiles);
     for job in [&first, &second] {
         // Each job is followed, finished and served through the coordinator it was not
@@ -161,7 +134,7 @@ async fn a_job_outlives_the_coordinator_it_was_submitted_to() {
     );
     a.wait_workers_connected(1).await;
     let t = token("ada", Role::Submitter);
-    let job = submit(&a, &t, (64, 48, 96), 21).await;
+    let job = GemmJob::submit(&a, &t, (64, 48, 96), 21).await;
     assert_eq!(job.tiles, 6);
     // Progress made through A, followed through B.
     b.follow(&job.id, &t, |e| e["tiles_done"].as_u64().unwrap_or(0) >= 2)
@@ -210,7 +183,7 @@ async fn a_coordinator_that_stops_gives_its_tiles_back_at_once() {
     );
     a.wait_workers_connected(1).await;
     let t = token("ada", Role::Submitter);
-    let job = submit(&a, &t, (64, 32, 96), 40).await;
+    let job = GemmJob::submit(&a, &t, (64, 32, 96), 40).await;
     a.follow(&job.id, &t, |e| e["tiles_done"].as_u64().unwrap_or(0) >= 1)
         .await;
     let held = pg.number("SELECT count(*) FROM tiles WHERE state = 'claimed'");

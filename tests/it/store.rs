@@ -9,43 +9,6 @@ use serde_json::{Value, json};
 use tabgrid_shared::claims::Role;
 use tabgrid_tests::*;
 
-/// An f64 job with C, alpha and beta, and what its result must be.
-struct Job {
-    id: String,
-    k: usize,
-    tiles: u64,
-    want: Vec<f64>,
-}
-
-async fn submit(c: &Coordinator, bearer: &str, (m, k, n): (usize, usize, usize), seed: u64) -> Job {
-    let (alpha, beta) = (1.5, -0.5);
-    let a = random_matrix(m, k, seed);
-    let b = random_matrix(k, n, seed + 1);
-    let cm = random_matrix(m, n, seed + 2);
-    let body = json!({
-        "op": "gemm", "dtype": "f64", "alpha": alpha, "beta": beta,
-        "a": {"shape": [m, k], "data": a}, "b": {"shape": [k, n], "data": b},
-        "c": {"shape": [m, n], "data": cm},
-    });
-    let (status, reply) = c.post_json("/jobs", bearer, &body).await;
-    assert_eq!(status, 201, "{reply}");
-    Job {
-        id: reply["id"].as_str().unwrap().to_owned(),
-        k,
-        tiles: reply["tiles_total"].as_u64().unwrap(),
-        want: reference((m, k, n), alpha, &a, &b, beta, Some(&cm)),
-    }
-}
-
-impl Job {
-    async fn assert_right(&self, c: &Coordinator, bearer: &str) {
-        let job = c.get_json(&format!("/jobs/{}", self.id), bearer).await;
-        assert_eq!(job["state"], "done", "{job}");
-        let got = c.result_values(&self.id, bearer).await;
-        assert_close(&got, &self.want, self.k, false);
-    }
-}
-
 /// Files under a job folder of a data dir.
 fn job_dirs(data_dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(data_dir.join("jobs"))
@@ -71,9 +34,9 @@ async fn a_killed_coordinator_resumes_its_jobs_without_recomputing_accepted_tile
         &["--chaos", "slow=1"],
     );
     c.wait_workers_connected(1).await;
-    let finished = submit(&c, &t, (40, 30, 50), 1).await;
+    let finished = GemmJob::submit(&c, &t, (40, 30, 50), 1).await;
     assert_eq!(c.wait_job(&finished.id, &t).await["state"], "done");
-    let running = submit(&c, &t, (256, 96, 192), 10).await;
+    let running = GemmJob::submit(&c, &t, (256, 96, 192), 10).await;
     assert!(running.tiles >= 8, "{} tiles", running.tiles);
     c.follow(&running.id, &t, |e| {
         e["tiles_done"].as_u64().unwrap_or(0) >= 3
@@ -144,12 +107,12 @@ async fn a_backup_taken_while_serving_restores_every_job() {
     let t = token("ada", Role::Submitter);
     let _w = c.worker("w", 1);
     c.wait_workers_connected(1).await;
-    let done = submit(&c, &t, (130, 70, 90), 20).await;
+    let done = GemmJob::submit(&c, &t, (130, 70, 90), 20).await;
     assert_eq!(c.wait_job(&done.id, &t).await["state"], "done");
     // A queued job too: no worker takes it once this one is gone.
     drop(_w);
     c.wait_log("worker disconnected", 1).await;
-    let queued = submit(&c, &t, (100, 40, 140), 30).await;
+    let queued = GemmJob::submit(&c, &t, (100, 40, 140), 30).await;
 
     let backups = tempfile::tempdir().unwrap();
     let file = backups.path().join("grid.tar");
@@ -199,7 +162,7 @@ async fn the_disk_quota_and_job_size_limit_refuse_cleanly() {
     let c = Coordinator::start(&["--disk-quota", "1700KiB", "--max-job-size", "2MiB"]).await;
     let t = token("ada", Role::Submitter);
     // 1.3 MB of matrices (A, B, C and the result), as much on disk.
-    let first = submit(&c, &t, (200, 200, 200), 1).await;
+    let first = GemmJob::submit(&c, &t, (200, 200, 200), 1).await;
 
     // Over the per-job limit (2.2 MB): 413, before anything is written.
     let big = json!({
