@@ -526,13 +526,7 @@ impl Grid {
 
     /// Every live job's held tiles (pending or running), by job id.
     pub fn held(&self) -> Vec<(String, Vec<(u32, u32)>)> {
-        let inner = self.lock();
-        inner
-            .by_name
-            .iter()
-            .map(|(name, &job)| (name.clone(), inner.scheduler.held_of(job)))
-            .filter(|(_, tiles)| !tiles.is_empty())
-            .collect()
+        tiles_by_job(&self.lock(), Scheduler::held_of)
     }
 
     /// Pending tiles nobody here can compute (no worker is connected), by job id: a
@@ -542,12 +536,7 @@ impl Grid {
         if inner.scheduler.worker_count() > 0 {
             return Vec::new();
         }
-        inner
-            .by_name
-            .iter()
-            .map(|(name, &job)| (name.clone(), inner.scheduler.pending_of(job)))
-            .filter(|(_, tiles)| !tiles.is_empty())
-            .collect()
+        tiles_by_job(&inner, Scheduler::pending_of)
     }
 
     /// Progress of a live job as the shared store counts it (tiles accepted by every
@@ -1280,6 +1269,19 @@ impl Grid {
             self.metrics.set_workers(kind.name(), count as i64);
         }
     }
+}
+
+/// `tiles` of each live job that has any, by job id.
+fn tiles_by_job(
+    inner: &Inner,
+    tiles: impl Fn(&Scheduler, JobId) -> Vec<(u32, u32)>,
+) -> Vec<(String, Vec<(u32, u32)>)> {
+    inner
+        .by_name
+        .iter()
+        .map(|(name, &job)| (name.clone(), tiles(&inner.scheduler, job)))
+        .filter(|(_, tiles)| !tiles.is_empty())
+        .collect()
 }
 
 fn send(inner: &Inner, worker: WorkerId, frame: ToWorker) {
