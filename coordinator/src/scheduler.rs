@@ -497,20 +497,24 @@ impl Scheduler {
     }
 
     /// Tiles claimed for this scheduler (a job added with [`JobTiles::held`]): they are
-    /// handed out like any pending tile. Tiles done, running or unknown are skipped.
+    /// handed out like any pending tile. The claim says the tile has no result in the
+    /// shared store, so one done here (its write was lost) is open again. Tiles running or
+    /// unknown are skipped.
     pub fn offer(&mut self, job: JobId, tiles: &[TileIndex], now: Millis) {
         let Some(state) = self.jobs.get_mut(&job) else {
             return;
         };
         let (ti, tj) = (state.tiles.plan.tiles_i(), state.tiles.plan.tiles_j());
         for &tile in tiles {
-            if tile.0 < ti
-                && tile.1 < tj
-                && !state.done[state.tile_slot(tile)]
-                && !state.active.contains_key(&tile)
-            {
-                state.make_pending(tile);
+            if tile.0 >= ti || tile.1 >= tj || state.active.contains_key(&tile) {
+                continue;
             }
+            let slot = state.tile_slot(tile);
+            if state.done[slot] {
+                state.done[slot] = false;
+                state.done_count -= 1;
+            }
+            state.make_pending(tile);
         }
         self.dispatch_idle(now);
     }

@@ -899,6 +899,10 @@ fn only_held_tiles_are_handed_out_and_offers_add_more() {
         completions(&commands).is_empty(),
         "(0, 2) is still open elsewhere"
     );
+    // Claimed again: the store lost the result written for (0, 1), so it is open again.
+    h.sched.offer(1, &[(0, 1)], h.now);
+    assert!(h.sched.tile_open(1, (0, 1)));
+    assert_eq!(h.sched.pending_of(1), vec![(0, 1)]);
 }
 
 #[test]

@@ -152,6 +152,9 @@ async fn first_tile(c: &Coordinator, browser: &Browser, bearer: &str) {
             .unwrap();
         times.push(ms);
         c.wait_job(&id, bearer).await;
+        if times.len() == 5 {
+            screenshot(&page).await;
+        }
         page.close().await;
     }
     println!(
@@ -159,6 +162,20 @@ async fn first_tile(c: &Coordinator, browser: &Browser, bearer: &str) {
         median(&mut times),
         times.iter().map(|t| t.round()).collect::<Vec<_>>()
     );
+}
+
+/// What a volunteer sees after a job: `target/volunteer-page.png`.
+async fn screenshot(page: &tabgrid_tests::browser::Page<'_>) {
+    use base64::Engine;
+    let shot = page
+        .send("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().expect("a screenshot"))
+        .expect("base64 from the DevTools protocol");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/volunteer-page.png");
+    std::fs::write(&path, png).unwrap();
+    println!("\nscreenshot of the last tab: {}", path.display());
 }
 
 async fn hidden_vs_visible(c: &Coordinator, browser: &Browser, bearer: &str) {
