@@ -365,14 +365,32 @@ fn job_json(r: &JobRecord) -> Value {
 /// Finds a job the caller may see: admins see all, submitters their own.
 fn find_job(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
     caller.require(&[Role::Submitter, Role::Admin], "read jobs")?;
-    let record = match state.grid.live_job(id) {
-        Some(record) => record,
-        None => state
+    let stored = || {
+        state
             .grid
             .store()
             .job(id)
-            .map_err(|e| ApiError::Internal(e.into()))?
-            .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?,
+            .map_err(|e| ApiError::Internal(e.into()))
+    };
+    let record = match state.grid.live_job(id) {
+        // Sharing a database, another coordinator may have finished (or deleted) the job
+        // a moment before this one's claims loop notices: the database is the truth.
+        Some(live) if state.grid.is_shared() => match stored()? {
+            Some(record) if record.state.is_terminal() => {
+                state.grid.ended_elsewhere(
+                    id,
+                    record.state,
+                    record.tiles_done,
+                    record.error.clone(),
+                    false,
+                );
+                record
+            }
+            Some(_) => live,
+            None => return Err(ApiError::NotFound(format!("job {id} not found"))),
+        },
+        Some(live) => live,
+        None => stored()?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?,
     };
     if !caller.is_admin() && record.owner != caller.0.sub {
         return Err(ApiError::Forbidden(format!(
@@ -396,7 +414,11 @@ pub async fn list_jobs(
         .map_err(|e| ApiError::Internal(e.into()))?;
     let jobs: Vec<Value> = jobs
         .into_iter()
-        .map(|r| job_json(&state.grid.live_job(&r.id).unwrap_or(r)))
+        .map(|r| match state.grid.live_job(&r.id) {
+            // A final state in the store is final (another coordinator may have ended it).
+            Some(live) if !r.state.is_terminal() => job_json(&live),
+            _ => job_json(&r),
+        })
         .collect();
     Ok(Json(json!({ "jobs": jobs })))
 }

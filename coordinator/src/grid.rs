@@ -363,6 +363,11 @@ impl Grid {
         self.lock().shared = true;
     }
 
+    /// Whether this grid shares its store with other coordinators.
+    pub fn is_shared(&self) -> bool {
+        self.lock().shared
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -1173,6 +1178,10 @@ impl Grid {
                 }
                 send(inner, a.worker, frame);
             }
+            // Sharing a database, a job is done when the database says so: the write of its
+            // last tile ends it here (and on the others at their next poll), so nobody
+            // reads "done" here before the database has every tile.
+            Command::JobComplete { .. } if inner.shared => {}
             Command::JobComplete { job } => self.finish(inner, job, JobState::Done, None),
         }
     }
