@@ -165,7 +165,7 @@ impl Loop {
             }
         }
         let metrics = self.grid.metrics().clone();
-        if let Some(session) = self.session() {
+        if let Ok(session) = self.connected() {
             match session.give_back_all() {
                 Ok(n) if n > 0 => {
                     metrics.tile_claims("given_back", n);
@@ -175,13 +175,6 @@ impl Loop {
                 Err(err) => tracing::warn!(error = %err, "giving claims back failed; they expire"),
             }
         }
-    }
-
-    fn session(&mut self) -> Option<&mut Session> {
-        if self.session.as_ref().is_none_or(Session::is_closed) {
-            self.session = self.store.session().ok();
-        }
-        self.session.as_mut()
     }
 
     fn connected(&mut self) -> Result<&mut Session, StoreError> {
@@ -194,8 +187,8 @@ impl Loop {
     fn round(&mut self) -> Result<(), StoreError> {
         let due =
             |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
-        // A job submitted here (or ended) is noticed at once, not at the next poll.
-        // (or one whose row was not committed at the last poll).
+        // A job submitted or ended here, or one whose row was not yet committed at the
+        // last poll, is looked up at once rather than at the next poll.
         let ids = self.grid.job_ids();
         let changed = ids != self.live || ids.iter().any(|id| !self.seen.contains(id));
         if changed || due(self.last_poll, self.config.poll) {
