@@ -196,13 +196,40 @@ struct LiveJob {
     /// The secret of its results' checks and the work they share.
     check: Arc<verify::JobCheck>,
     plan: TilePlan,
-    result: Matrix,
+    /// The result being assembled; `None` on a shared store, where the tiles live.
+    result: Option<Matrix>,
     keys: Vec<OperandKey>,
     progress: watch::Sender<Progress>,
     has_c: bool,
 }
 
 impl LiveJob {
+    /// An accepted tile: into the result being assembled (if any) and the store, and
+    /// counted in the progress subscribers see.
+    fn keep(&mut self, store: &dyn Store, tile: (u32, u32), payload: Vec<u8>) {
+        let (rows, cols) = (self.plan.rows(tile.0), self.plan.cols(tile.1));
+        let (row, col) = (rows.start as usize, cols.start as usize);
+        if let Some(result) = &mut self.result {
+            result.write_block(row, col, rows.len(), cols.len(), &payload);
+        }
+        let kept = store.tile_accepted(TileWrite {
+            job: self.record.id.clone(),
+            tile,
+            row,
+            col,
+            rows: rows.len(),
+            cols: cols.len(),
+            width: self.plan.n as usize,
+            payload,
+        });
+        if let Err(err) = kept {
+            tracing::error!(job = self.record.id, error = %err, "storing a tile failed");
+        }
+        self.record.tiles_done += 1;
+        let progress = self.progress();
+        self.progress.send_replace(progress);
+    }
+
     fn progress(&self) -> Progress {
         Progress {
             state: self.record.state,
@@ -450,20 +477,18 @@ impl Grid {
             );
             self.metrics.tiles_resumed(job.done.len() as u64);
             let prepared = PreparedJob::new(NewJob::recorded(&record, job.operands));
-            self.admit(record, prepared, job.done, job.partial);
+            self.admit(record, prepared, job.done, Some(job.partial));
         }
         Ok((count, kept))
     }
 
     /// Where a job's accepted tiles are assembled: the whole result, or nothing on a
     /// shared store (the tiles live there).
-    fn result_buffer(&self, record: &JobRecord) -> Matrix {
-        let (rows, cols) = if self.lock().shared {
-            (0, 0)
-        } else {
-            (record.m as usize, record.n as usize)
-        };
-        Matrix::zeros(record.dtype, rows, cols).expect("shape checked at submission")
+    fn result_buffer(&self, record: &JobRecord) -> Option<Matrix> {
+        (!self.lock().shared).then(|| {
+            Matrix::zeros(record.dtype, record.m as usize, record.n as usize)
+                .expect("shape checked at submission")
+        })
     }
 
     /// Takes up a job another coordinator recorded in the shared store: its panels are
@@ -600,7 +625,7 @@ impl Grid {
         record: JobRecord,
         prepared: PreparedJob,
         done: Vec<(u32, u32)>,
-        result: Matrix,
+        result: Option<Matrix>,
     ) -> JobId {
         let PreparedJob {
             job,
@@ -906,34 +931,9 @@ impl Grid {
         if inner.jobs[&job_id].record.quorum.is_some() {
             return self.replica(&mut inner, worker, job_id, result, started, now);
         }
-        let shared = inner.shared;
-        let job = inner.jobs.get_mut(&job_id).expect("checked above");
-        if !shared {
-            job.result.write_block(
-                rows.start as usize,
-                cols.start as usize,
-                rows.len(),
-                cols.len(),
-                &result.payload,
-            );
-        }
         let (lease, compute_micros) = (result.lease, result.compute_micros);
-        let kept = self.store.tile_accepted(TileWrite {
-            job: job.record.id.clone(),
-            tile,
-            row: rows.start as usize,
-            col: cols.start as usize,
-            rows: rows.len(),
-            cols: cols.len(),
-            width: job.plan.n as usize,
-            payload: result.payload,
-        });
-        if let Err(err) = kept {
-            tracing::error!(job = job.record.id, error = %err, "storing a tile failed");
-        }
-        job.record.tiles_done += 1;
-        let progress = job.progress();
-        job.progress.send_replace(progress);
+        let job = inner.jobs.get_mut(&job_id).expect("checked above");
+        job.keep(self.store.as_ref(), tile, result.payload);
         if let Some(conn) = inner.workers.get_mut(&worker) {
             conn.info.tiles_done += 1;
         }
@@ -965,7 +965,6 @@ impl Grid {
         let Some((_, tile)) = outcome? else {
             return Ok(());
         };
-        let shared = inner.shared;
         let job = inner
             .jobs
             .get_mut(&job_id)
@@ -1004,37 +1003,13 @@ impl Grid {
             return Ok(());
         };
         let copies = job.copies.remove(&tile).unwrap_or_default();
-        let (rows, cols) = (job.plan.rows(tile.0), job.plan.cols(tile.1));
-        let payload = &copies
+        let payload = copies
             .iter()
             .find(|c| c.digest == agreed)
             .expect("the agreed digest is a copy's")
-            .payload;
-        if !shared {
-            job.result.write_block(
-                rows.start as usize,
-                cols.start as usize,
-                rows.len(),
-                cols.len(),
-                payload,
-            );
-        }
-        let kept = self.store.tile_accepted(TileWrite {
-            job: job.record.id.clone(),
-            tile,
-            row: rows.start as usize,
-            col: cols.start as usize,
-            rows: rows.len(),
-            cols: cols.len(),
-            width: job.plan.n as usize,
-            payload: payload.clone(),
-        });
-        if let Err(err) = kept {
-            tracing::error!(job = job.record.id, error = %err, "storing a tile failed");
-        }
-        job.record.tiles_done += 1;
-        let progress = job.progress();
-        job.progress.send_replace(progress);
+            .payload
+            .clone();
+        job.keep(self.store.as_ref(), tile, payload);
         self.metrics
             .tile_accepted(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0));
         let mut banned_here = None;
@@ -1230,6 +1205,7 @@ impl Grid {
         } = job;
         if stored
             && state == JobState::Done
+            && let Some(result) = result
             && let Err(err) = self.store.put_result(&record.id, Arc::new(result))
         {
             tracing::error!(job = record.id, error = %err, "storing result failed");
