@@ -21,6 +21,12 @@
 //! fewer products per row of A. `cargo xtask bench verify` measures the whole as a share
 //! of the job's compute.
 //!
+//! Each pass reads the job's bytes in place (f32 or f64, widened to f64 in registers, never
+//! copied) and is written for the memory it streams: on x86_64 with AVX-512F, `A_i·W`
+//! takes four rows of A against up to six columns of W in 512-bit registers, and the row
+//! passes keep four vectors per sum, so no chain of dependent adds holds them up; AVX2 and
+//! other targets take the portable loops, which the compiler vectorises.
+//!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
 //! larger than twice the tolerance is always found, and errors that cancel for one draw
 //! (as two opposite ones do for ±1 vectors half the time) do so with probability zero.
@@ -57,6 +63,7 @@
 //! result is itself Inf or NaN. A non-finite `T·r` in a row with finite inputs fails,
 //! unless the row's magnitude is near the dtype's overflow threshold.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -162,23 +169,6 @@ impl Columns {
     }
 }
 
-/// Converts little-endian elements of `dtype` into `out`.
-fn to_f64(dtype: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
-    out.clear();
-    match dtype {
-        Dtype::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        ),
-        Dtype::F64 => out.extend(
-            bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
-        ),
-    }
-}
-
 impl JobCheck {
     /// `beta` is the job's when it has a C, else 0. `a` and `b` are the job's panels in
     /// plan order.
@@ -233,75 +223,81 @@ impl JobCheck {
     }
 
     fn w(&self) -> &Columns {
-        self.w.get_or_init(|| {
-            let k = self.plan.k as usize;
-            let bands = self.plan.tiles_j() as usize;
-            let width = 2 * bands + 1;
-            let mut w = vec![0.0; k * width];
-            let mut row = Vec::new();
-            for (j, panel) in self.b.iter().enumerate() {
-                let cols = self.plan.cols(j as u32);
-                let n = cols.len();
-                let r = &self.r[cols.start as usize..cols.end as usize];
-                for l in 0..k {
-                    let bytes =
-                        panel.get(l * n * self.dtype.size()..(l + 1) * n * self.dtype.size());
-                    let Some(bytes) = bytes else { break };
-                    to_f64(self.dtype, bytes, &mut row);
-                    let (dot, sum, max) = row_stats(&row, r);
-                    w[j * k + l] = dot;
-                    w[(bands + j) * k + l] = sum;
-                    let peak = &mut w[2 * bands * k + l];
-                    *peak = peak.max(max);
-                }
-            }
-            let spread = |column: &[f64]| {
-                let (low, high) = column.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
-                    (lo.min(v), hi.max(v))
-                });
-                (low > 0.0 && high.is_finite() && high <= 2.0 * low).then_some(high)
-            };
-            let bounds = &w[bands * k..];
-            let balanced = bounds
-                .chunks_exact(k.max(1))
-                .map(spread)
-                .collect::<Option<Vec<f64>>>()
-                .filter(|_| k > 0)
-                .map(|mut highs| {
-                    let peak = highs.pop().unwrap_or(0.0);
-                    (highs, peak)
-                });
-            Columns { w, balanced }
+        self.w.get_or_init(|| match self.dtype {
+            Dtype::F32 => self.columns::<f32>(),
+            Dtype::F64 => self.columns::<f64>(),
         })
     }
 
-    fn x(&self, i: u32) -> &[f64] {
-        self.x[i as usize].get_or_init(|| {
-            let columns = self.w();
-            let w = &columns.w;
-            let k = self.plan.k as usize;
-            let m = self.plan.rows(i).len();
-            let bands = self.plan.tiles_j() as usize;
-            let width = columns.x_width(bands);
-            let panel = &self.a[i as usize];
-            let mut x = vec![0.0; m * width];
-            let (mut row, mut abs) = (Vec::new(), Vec::new());
-            for (r, out) in x.chunks_exact_mut(width).enumerate() {
-                let bytes = panel.get(r * k * self.dtype.size()..(r + 1) * k * self.dtype.size());
-                let Some(bytes) = bytes else { break };
-                to_f64(self.dtype, bytes, &mut row);
-                let (signed, bounds) = out.split_at_mut(bands);
-                dots(&row, &w[..bands * k], signed);
-                if columns.balanced.is_some() {
-                    bounds[0] = row_stats(&row, &row).1;
-                } else {
-                    abs.clear();
-                    abs.extend(row.iter().map(|v| v.abs()));
-                    dots(&abs, &w[bands * k..], bounds);
-                }
+    /// One pass over B: `W` and whether its rows are balanced.
+    fn columns<T: Element>(&self) -> Columns {
+        let k = self.plan.k as usize;
+        let bands = self.plan.tiles_j() as usize;
+        let width = 2 * bands + 1;
+        let mut w = vec![0.0; k * width];
+        let mut stats = Vec::new();
+        for (j, panel) in self.b.iter().enumerate() {
+            let cols = self.plan.cols(j as u32);
+            let n = cols.len();
+            let r = &self.r[cols.start as usize..cols.end as usize];
+            let values = elements::<T>(panel);
+            let rows = values.len().checked_div(n).unwrap_or(k).min(k);
+            row_stats::<T, false>(&values[..rows * n], n, r, &mut stats);
+            for (l, &(dot, sum, max)) in stats.iter().enumerate() {
+                w[j * k + l] = dot;
+                w[(bands + j) * k + l] = sum;
+                let peak = &mut w[2 * bands * k + l];
+                *peak = peak.max(max);
             }
-            x
+        }
+        let spread = |column: &[f64]| {
+            let (low, high) = column.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+            (low > 0.0 && high.is_finite() && high <= 2.0 * low).then_some(high)
+        };
+        let bounds = &w[bands * k..];
+        let balanced = bounds
+            .chunks_exact(k.max(1))
+            .map(spread)
+            .collect::<Option<Vec<f64>>>()
+            .filter(|_| k > 0)
+            .map(|mut highs| {
+                let peak = highs.pop().unwrap_or(0.0);
+                (highs, peak)
+            });
+        Columns { w, balanced }
+    }
+
+    fn x(&self, i: u32) -> &[f64] {
+        self.x[i as usize].get_or_init(|| match self.dtype {
+            Dtype::F32 => self.band::<f32>(i),
+            Dtype::F64 => self.band::<f64>(i),
         })
+    }
+
+    /// One pass over `A_i`: `X_i = A_i·W`, `m_i × width`.
+    fn band<T: Element>(&self, i: u32) -> Vec<f64> {
+        let columns = self.w();
+        let w = &columns.w;
+        let k = self.plan.k as usize;
+        let m = self.plan.rows(i).len();
+        let bands = self.plan.tiles_j() as usize;
+        let width = columns.x_width(bands);
+        let mut x = vec![0.0; m * width];
+        if k == 0 {
+            return x;
+        }
+        let values = elements::<T>(&self.a[i as usize]);
+        let rows = (values.len() / k).min(m);
+        let values = &values[..rows * k];
+        if columns.balanced.is_some() {
+            times::<T, false>(values, k, &w[..bands * k], &mut x, (width, 0), Some(bands));
+        } else {
+            times::<T, false>(values, k, &w[..bands * k], &mut x, (width, 0), None);
+            times::<T, true>(values, k, &w[bands * k..], &mut x, (width, bands), None);
+        }
+        x
     }
 
     /// Checks `result`, the worker's tile `(i, j)`, with `c` its tile of C when beta
@@ -330,8 +326,12 @@ impl JobCheck {
         let gamma = 2.0 * (k + 2) as f64 * unit;
         let own = 2.0 * (k + n + 2) as f64 * (f64::EPSILON / 2.0);
         let beta = c.map_or(0.0, |_| self.beta);
-        let mut row = Vec::with_capacity(n);
-        for (t, xs) in x.chunks_exact(width).enumerate().take(m) {
+        let (mut got, mut old) = (Vec::new(), Vec::new());
+        match self.dtype {
+            Dtype::F32 => tile_stats::<f32>(result, c, n, r, &mut got, &mut old),
+            Dtype::F64 => tile_stats::<f64>(result, c, n, r, &mut got, &mut old),
+        }
+        for (t, xs) in x.chunks_exact(width).enumerate().take(m.min(got.len())) {
             let mut want = self.alpha * xs[j as usize];
             let (scale_ab, peak_ab) = match &columns.balanced {
                 Some((sums, peak)) => (xs[bands] * sums[j as usize], xs[bands] * peak),
@@ -339,23 +339,12 @@ impl JobCheck {
             };
             let mut scale = self.alpha.abs() * scale_ab;
             let mut peak = self.alpha.abs() * peak_ab;
-            if let Some(c) = c {
-                to_f64(
-                    self.dtype,
-                    &c[t * n * self.dtype.size()..(t + 1) * n * self.dtype.size()],
-                    &mut row,
-                );
-                let (dot, sum, max) = row_stats(&row, r);
+            if let Some(&(dot, sum, max)) = old.get(t) {
                 want += beta * dot;
                 scale += beta.abs() * sum;
                 peak += beta.abs() * max;
             }
-            to_f64(
-                self.dtype,
-                &result[t * n * self.dtype.size()..(t + 1) * n * self.dtype.size()],
-                &mut row,
-            );
-            let got = row_stats(&row, r).0;
+            let got = got[t].0;
             if !scale.is_finite() || !peak.is_finite() {
                 continue;
             }
@@ -378,48 +367,434 @@ impl JobCheck {
         Ok(())
     }
 }
-/// `(Σ x·r, Σ |x|, max |x|)` of a row.
-fn row_stats(x: &[f64], r: &[f64]) -> (f64, f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { row_stats_avx2(x, r) };
+/// Per row `(Σ x·r, Σ |x|, max |x|)`.
+type Stats = (f64, f64, f64);
+
+/// An element type of a job, widened to f64 for the check.
+trait Element: bytemuck::Pod {
+    const F32: bool;
+    fn widen(self) -> f64;
+    fn from_le(bytes: &[u8]) -> Self;
+}
+
+impl Element for f32 {
+    const F32: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        f64::from(self)
     }
-    row_stats_lanes(x, r)
+    fn from_le(bytes: &[u8]) -> f32 {
+        f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    }
+}
+
+impl Element for f64 {
+    const F32: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+    fn from_le(bytes: &[u8]) -> f64 {
+        f64::from_le_bytes([
+            bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+        ])
+    }
+}
+
+/// `bytes`, little-endian elements, as `T`s: read in place where they are aligned (panels
+/// and results always are), else copied. The passes below widen each element to f64 in
+/// registers: no f64 copy of an operand is made.
+fn elements<T: Element>(bytes: &[u8]) -> Cow<'_, [T]> {
+    let size = std::mem::size_of::<T>();
+    let whole = &bytes[..bytes.len() / size * size];
+    #[cfg(target_endian = "little")]
+    if let Ok(values) = bytemuck::try_cast_slice(whole) {
+        return Cow::Borrowed(values);
+    }
+    Cow::Owned(whole.chunks_exact(size).map(T::from_le).collect())
+}
+
+/// `FMA`: fused multiply-adds, only where the CPU has them (elsewhere `mul_add` is a slow
+/// library call).
+#[inline(always)]
+fn madd<const FMA: bool>(acc: f64, a: f64, b: f64) -> f64 {
+    if FMA { a.mul_add(b, acc) } else { acc + a * b }
+}
+
+/// `out[t] = (Σ x·r, Σ |x|, max |x|)` for every row `x` of `rows` (`width` elements each),
+/// compiled for the widest vector unit this CPU has. `DOT_ONLY`: `Σ x·r` alone, the rest 0.
+fn row_stats<T: Element, const DOT_ONLY: bool>(
+    rows: &[T],
+    width: usize,
+    r: &[f64],
+    out: &mut Vec<Stats>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        if fma && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked just above.
+            return unsafe { row_stats_avx512::<T, DOT_ONLY>(rows, width, r, out) };
+        }
+        if fma && std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return unsafe { row_stats_avx2::<T, DOT_ONLY>(rows, width, r, out) };
+        }
+    }
+    row_stats_lanes::<T, { cfg!(target_arch = "aarch64") }, 8, DOT_ONLY>(rows, width, r, out)
+}
+
+/// [`row_stats`] in 512-bit registers, four of them per sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn row_stats_avx512<T: Element, const DOT_ONLY: bool>(
+    rows: &[T],
+    width: usize,
+    r: &[f64],
+    out: &mut Vec<Stats>,
+) {
+    use std::arch::x86_64::*;
+    out.clear();
+    if width == 0 {
+        return;
+    }
+    const U: usize = 4;
+    let full = width.min(r.len()) / (8 * U) * (8 * U);
+    for row in rows.chunks_exact(width) {
+        let mut dot = [_mm512_setzero_pd(); U];
+        let mut sum = [_mm512_setzero_pd(); U];
+        let mut max = [_mm512_setzero_pd(); U];
+        let mut l = 0;
+        while l < full {
+            for u in 0..U {
+                // SAFETY: `l + 8·U <= full <= width, r.len()`; AVX-512F is this function's.
+                unsafe {
+                    let v = load8(row, l + 8 * u);
+                    let q = _mm512_loadu_pd(r.as_ptr().add(l + 8 * u));
+                    dot[u] = _mm512_fmadd_pd(v, q, dot[u]);
+                    if !DOT_ONLY {
+                        let a = _mm512_abs_pd(v);
+                        sum[u] = _mm512_add_pd(sum[u], a);
+                        // The running maximum second: a NaN `a` leaves it as it was.
+                        max[u] = _mm512_max_pd(a, max[u]);
+                    }
+                }
+            }
+            l += 8 * U;
+        }
+        let add = |v: [__m512d; U]| {
+            _mm512_reduce_add_pd(_mm512_add_pd(
+                _mm512_add_pd(v[0], v[1]),
+                _mm512_add_pd(v[2], v[3]),
+            ))
+        };
+        let (mut d, mut s) = (add(dot), add(sum));
+        let mut m = _mm512_reduce_max_pd(_mm512_max_pd(
+            _mm512_max_pd(max[0], max[1]),
+            _mm512_max_pd(max[2], max[3]),
+        ));
+        for (v, q) in row[full..].iter().zip(&r[full..]) {
+            let v = v.widen();
+            d = v.mul_add(*q, d);
+            if !DOT_ONLY {
+                s += v.abs();
+                m = if v.abs() > m { v.abs() } else { m };
+            }
+        }
+        out.push((d, s, m));
+    }
+}
+
+/// Eight elements of `row` from `l` on, widened to f64.
+///
+/// # Safety
+/// `l + 8 <= row.len()`, and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load8<T: Element>(row: &[T], l: usize) -> std::arch::x86_64::__m512d {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller promised.
+    unsafe {
+        if T::F32 {
+            _mm512_cvtps_pd(_mm256_loadu_ps(row.as_ptr().add(l).cast::<f32>()))
+        } else {
+            _mm512_loadu_pd(row.as_ptr().add(l).cast::<f64>())
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn row_stats_avx2(x: &[f64], r: &[f64]) -> (f64, f64, f64) {
-    row_stats_lanes(x, r)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_stats_avx2<T: Element, const DOT_ONLY: bool>(
+    rows: &[T],
+    width: usize,
+    r: &[f64],
+    out: &mut Vec<Stats>,
+) {
+    row_stats_lanes::<T, true, 16, DOT_ONLY>(rows, width, r, out)
 }
 
-/// Eight independent lanes, so the loop vectorises without reassociating a sum.
+/// `L` independent lanes per sum (several vectors' worth, so that one sum's latency does
+/// not hold the loop up), without reassociating a sum. `DOT_ONLY`: leaves `Σ |x|` and
+/// `max |x|` at 0.
 #[inline(always)]
-fn row_stats_lanes(x: &[f64], r: &[f64]) -> (f64, f64, f64) {
-    const LANES: usize = 8;
-    let (mut dot, mut sum, mut max) = ([0.0; LANES], [0.0; LANES], [0.0f64; LANES]);
-    let full = x.len().min(r.len()) / LANES * LANES;
-    for (xs, rs) in x[..full]
-        .chunks_exact(LANES)
-        .zip(r[..full].chunks_exact(LANES))
-    {
-        for l in 0..LANES {
-            dot[l] += xs[l] * rs[l];
-            sum[l] += xs[l].abs();
-            max[l] = max[l].max(xs[l].abs());
+fn row_stats_lanes<T: Element, const FMA: bool, const L: usize, const DOT_ONLY: bool>(
+    rows: &[T],
+    width: usize,
+    r: &[f64],
+    out: &mut Vec<Stats>,
+) {
+    out.clear();
+    if width == 0 {
+        return;
+    }
+    let full = width.min(r.len()) / L * L;
+    let (r_full, r_tail) = r.split_at(full);
+    for row in rows.chunks_exact(width) {
+        let (head, tail) = row.split_at(full);
+        let (mut dot, mut sum, mut max) = ([0.0; L], [0.0; L], [0.0f64; L]);
+        for (xs, rs) in head.chunks_exact(L).zip(r_full.chunks_exact(L)) {
+            for l in 0..L {
+                let v = xs[l].widen();
+                dot[l] = madd::<FMA>(dot[l], v, rs[l]);
+                if !DOT_ONLY {
+                    sum[l] += v.abs();
+                    // Not `f64::max`: the same for a NaN `v` (skipped), without its checks.
+                    max[l] = if v.abs() > max[l] { v.abs() } else { max[l] };
+                }
+            }
+        }
+        for (v, q) in tail.iter().zip(r_tail) {
+            let v = v.widen();
+            dot[0] = madd::<FMA>(dot[0], v, *q);
+            if !DOT_ONLY {
+                sum[0] += v.abs();
+                max[0] = if v.abs() > max[0] { v.abs() } else { max[0] };
+            }
+        }
+        out.push((
+            fold(dot, |a, b| a + b),
+            fold(sum, |a, b| a + b),
+            fold(max, |a, b| if b > a { b } else { a }),
+        ));
+    }
+}
+
+/// `lanes` folded pairwise by `op` (halves at a time: a few vector operations, not a chain
+/// of `L` dependent scalar ones).
+#[inline(always)]
+fn fold<const L: usize>(mut lanes: [f64; L], op: impl Fn(f64, f64) -> f64) -> f64 {
+    let mut half = L / 2;
+    while half > 0 {
+        for l in 0..half {
+            lanes[l] = op(lanes[l], lanes[l + half]);
+        }
+        half /= 2;
+    }
+    lanes[0]
+}
+
+/// The per-row stats of a worker's tile (`got`) and of its tile of C (`old`, left empty
+/// without one), both `n` wide.
+fn tile_stats<T: Element>(
+    result: &[u8],
+    c: Option<&[u8]>,
+    n: usize,
+    r: &[f64],
+    got: &mut Vec<Stats>,
+    old: &mut Vec<Stats>,
+) {
+    row_stats::<T, true>(&elements::<T>(result), n, r, got);
+    old.clear();
+    if let Some(c) = c {
+        row_stats::<T, false>(&elements::<T>(c), n, r, old);
+    }
+}
+
+/// `out[t·width + offset + c] = Σ_l f(A_tl)·w[c·k + l]` for every row `t` of `a` (`k`
+/// elements each) and every column `c` of `w`, where `f` is `|·|` when `ABS`; with
+/// `sum_at`, also `out[t·width + sum_at] = Σ_l |A_tl|`.
+fn times<T: Element, const ABS: bool>(
+    a: &[T],
+    k: usize,
+    w: &[f64],
+    out: &mut [f64],
+    (width, offset): (usize, usize),
+    sum_at: Option<usize>,
+) {
+    if k == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { times_avx512::<T, ABS>(a, k, w, out, (width, offset), sum_at) };
+    }
+    times_portable::<T, ABS>(a, k, w, out, (width, offset), sum_at)
+}
+
+/// [`times`] a row at a time through [`dots`].
+fn times_portable<T: Element, const ABS: bool>(
+    a: &[T],
+    k: usize,
+    w: &[f64],
+    out: &mut [f64],
+    (width, offset): (usize, usize),
+    sum_at: Option<usize>,
+) {
+    let columns = w.len() / k;
+    let rows = a.len() / k;
+    let mut x = Vec::with_capacity(k);
+    let mut stats = Vec::new();
+    for t in 0..rows {
+        let row = &a[t * k..(t + 1) * k];
+        x.clear();
+        x.extend(
+            row.iter()
+                .map(|v| if ABS { v.widen().abs() } else { v.widen() }),
+        );
+        dots(&x, w, &mut out[t * width + offset..][..columns]);
+        if let Some(at) = sum_at {
+            row_stats::<T, false>(row, k, &w[..k], &mut stats);
+            out[t * width + at] = stats[0].1;
         }
     }
-    for (v, q) in x[full..].iter().zip(&r[full..]) {
-        dot[0] += v * q;
-        sum[0] += v.abs();
-        max[0] = max[0].max(v.abs());
+}
+
+/// [`times`] four rows at a time, against up to six columns of `w` in 512-bit registers:
+/// each element of `w` loaded once for four products, each of `A` widened once for six.
+/// (Cutting `k` into L1-sized stretches of `w` was tried: slower, the rows of `A` then
+/// stream in pieces.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn times_avx512<T: Element, const ABS: bool>(
+    a: &[T],
+    k: usize,
+    w: &[f64],
+    out: &mut [f64],
+    (width, offset): (usize, usize),
+    sum_at: Option<usize>,
+) {
+    const R: usize = 4;
+    let columns = w.len() / k;
+    let rows = a.len() / k;
+    for t in (0..rows).step_by(R) {
+        let real = (rows - t).min(R);
+        let block: [&[T]; R] = std::array::from_fn(|h| &a[(t + h.min(real - 1)) * k..][..k]);
+        let mut c = 0;
+        let with_sums = sum_at.is_some();
+        while c < columns || (c == 0 && with_sums) {
+            // Columns in groups of at most six, as even as can be (8 is 4 + 4, not 6 + 2).
+            let left = columns - c;
+            let group = left.div_ceil(left.div_ceil(6).max(1));
+            let stretch = |g: usize| -> &[f64] {
+                if group == 0 {
+                    &[]
+                } else {
+                    &w[(c + g.min(group - 1)) * k..][..k]
+                }
+            };
+            let sums_here = c == 0 && with_sums;
+            // SAFETY: the CPU has AVX-512F (this function's own feature); every row
+            // of `block` and every column is `k` long.
+            let (sums, abs) = unsafe {
+                match (group > 4, sums_here) {
+                    (true, true) => block_avx512::<T, R, 6, ABS, true>(
+                        block,
+                        std::array::from_fn(stretch),
+                        group,
+                    ),
+                    (true, false) => block_avx512::<T, R, 6, ABS, false>(
+                        block,
+                        std::array::from_fn(stretch),
+                        group,
+                    ),
+                    (false, true) => block_avx512::<T, R, 4, ABS, true>(
+                        block,
+                        std::array::from_fn(stretch),
+                        group,
+                    ),
+                    (false, false) => block_avx512::<T, R, 4, ABS, false>(
+                        block,
+                        std::array::from_fn(stretch),
+                        group,
+                    ),
+                }
+            };
+            for h in 0..real {
+                let row = &mut out[(t + h) * width..][..width];
+                row[offset + c..][..group].copy_from_slice(&sums[h][..group]);
+                if let Some(at) = sum_at.filter(|_| sums_here) {
+                    row[at] = abs[h];
+                }
+            }
+            c += group.max(1);
+        }
     }
-    (
-        dot.iter().sum(),
-        sum.iter().sum(),
-        max.iter().fold(0.0, |m, v| m.max(*v)),
-    )
+}
+
+/// `R` rows of `A` against `G` columns (`group` of them real, the rest repeats of the last;
+/// none when `group` is 0), all of one length: `sums[h][g]` = row `h` times column `g`,
+/// and with `SUM`, `abs[h]` = `Σ |A_hl|`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<
+    T: Element,
+    const R: usize,
+    const G: usize,
+    const ABS: bool,
+    const SUM: bool,
+>(
+    rows: [&[T]; R],
+    columns: [&[f64]; G],
+    group: usize,
+) -> ([[f64; 6]; R], [f64; R]) {
+    use std::arch::x86_64::*;
+    let k = rows[0].len();
+    let full = k / 8 * 8;
+    let load = |row: &[T], l: usize| {
+        // SAFETY: callers keep `l + 8 <= full <= row.len()`; AVX-512F is this function's.
+        let v = unsafe { load8(row, l) };
+        if ABS { _mm512_abs_pd(v) } else { v }
+    };
+    let mut acc = [[_mm512_setzero_pd(); G]; R];
+    let mut abs_acc = [_mm512_setzero_pd(); R];
+    let mut l = 0;
+    while l < full {
+        let xs: [__m512d; R] = std::array::from_fn(|h| load(rows[h], l));
+        if SUM {
+            for h in 0..R {
+                abs_acc[h] = _mm512_add_pd(abs_acc[h], _mm512_abs_pd(xs[h]));
+            }
+        }
+        if group > 0 {
+            for g in 0..G {
+                // SAFETY: `l + 8 <= full <= k`, every column's length.
+                let wv = unsafe { _mm512_loadu_pd(columns[g].as_ptr().add(l)) };
+                for h in 0..R {
+                    acc[h][g] = _mm512_fmadd_pd(xs[h], wv, acc[h][g]);
+                }
+            }
+        }
+        l += 8;
+    }
+    let mut sums = [[0.0; 6]; R];
+    let mut abs = [0.0; R];
+    for h in 0..R {
+        for g in 0..G.min(group) {
+            let mut sum = _mm512_reduce_add_pd(acc[h][g]);
+            for l in full..k {
+                let v = rows[h][l].widen();
+                sum = (if ABS { v.abs() } else { v }).mul_add(columns[g][l], sum);
+            }
+            sums[h][g] = sum;
+        }
+        if SUM {
+            abs[h] = _mm512_reduce_add_pd(abs_acc[h])
+                + rows[h][full..].iter().map(|v| v.widen().abs()).sum::<f64>();
+        }
+    }
+    (sums, abs)
 }
 
 /// `out[c] = Σ_l x_l·w[c·k + l]` for every column `c` of `w` (`out.len()` columns of
@@ -430,7 +805,7 @@ fn dots(x: &[f64], w: &[f64], out: &mut [f64]) {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
         return unsafe { dots_fma(x, w, out) };
     }
-    dots_lanes::<false>(x, w, out)
+    dots_lanes::<{ cfg!(target_arch = "aarch64") }>(x, w, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -440,14 +815,11 @@ unsafe fn dots_fma(x: &[f64], w: &[f64], out: &mut [f64]) {
 }
 
 /// Four columns at a time (each element of `x` loaded once for four products), eight
-/// independent lanes each, so the loop vectorises without reassociating a sum. `FMA`:
-/// fused multiply-adds, only where the CPU has them (elsewhere `mul_add` is a slow
-/// library call).
+/// independent lanes each, so the loop vectorises without reassociating a sum.
 #[inline(always)]
 fn dots_lanes<const FMA: bool>(x: &[f64], w: &[f64], out: &mut [f64]) {
     const LANES: usize = 8;
     let k = x.len();
-    let madd = |acc: f64, a: f64, b: f64| if FMA { a.mul_add(b, acc) } else { acc + a * b };
     let full = k / LANES * LANES;
     let mut c = 0;
     while c < out.len() {
@@ -460,14 +832,14 @@ fn dots_lanes<const FMA: bool>(x: &[f64], w: &[f64], out: &mut [f64]) {
             for (g, column) in columns.iter().enumerate() {
                 let ws = &column[base..base + LANES];
                 for l in 0..LANES {
-                    acc[g][l] = madd(acc[g][l], xs[l], ws[l]);
+                    acc[g][l] = madd::<FMA>(acc[g][l], xs[l], ws[l]);
                 }
             }
         }
         for g in 0..group {
             let mut sum: f64 = acc[g].iter().sum();
             for l in full..k {
-                sum = madd(sum, x[l], columns[g][l]);
+                sum = madd::<FMA>(sum, x[l], columns[g][l]);
             }
             out[c + g] = sum;
         }
@@ -491,6 +863,7 @@ mod tests {
     }
 
     /// An honest tile computed by one of the real kernels, in `dtype`.
+    #[derive(Clone)]
     struct Case {
         dtype: Dtype,
         m: usize,
@@ -585,6 +958,52 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// The same case with its result computed again (after a change to A or B).
+        fn recomputed(mut self) -> Case {
+            let (m, n, k) = (self.m, self.n, self.k);
+            match self.dtype {
+                Dtype::F32 => {
+                    let (a, b) = (
+                        tabgrid_shared::matrix::f32s(&self.a),
+                        tabgrid_shared::matrix::f32s(&self.b),
+                    );
+                    let mut out = self
+                        .c
+                        .as_deref()
+                        .map_or(vec![0.0; m * n], tabgrid_shared::matrix::f32s);
+                    gemm::<f32>(
+                        self.alpha as f32,
+                        MatRef::row_major(&a, m, k).unwrap(),
+                        MatRef::row_major(&b, k, n).unwrap(),
+                        self.beta as f32,
+                        MatMut::row_major(&mut out, m, n).unwrap(),
+                    )
+                    .unwrap();
+                    self.result = f32_bytes(&out);
+                }
+                Dtype::F64 => {
+                    let (a, b) = (
+                        tabgrid_shared::matrix::f64s(&self.a),
+                        tabgrid_shared::matrix::f64s(&self.b),
+                    );
+                    let mut out = self
+                        .c
+                        .as_deref()
+                        .map_or(vec![0.0; m * n], tabgrid_shared::matrix::f64s);
+                    gemm::<f64>(
+                        self.alpha,
+                        MatRef::row_major(&a, m, k).unwrap(),
+                        MatRef::row_major(&b, k, n).unwrap(),
+                        self.beta,
+                        MatMut::row_major(&mut out, m, n).unwrap(),
+                    )
+                    .unwrap();
+                    self.result = f64_bytes(&out);
+                }
+            }
+            self
         }
 
         fn tile(&self) -> Tile<'_> {
@@ -728,6 +1147,217 @@ mod tests {
             &mut rng,
         );
         assert!(check.w().balanced.is_some());
+    }
+
+    /// The vectorised passes against plain sums, for every remainder of their blocking
+    /// (rows of 4, columns of 4 and 6, lanes of 8 and 32), both element types, read in
+    /// place and from a misaligned copy, on this CPU's path and the portable one.
+    #[test]
+    fn the_vectorised_passes_match_plain_sums() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let close = |got: f64, want: f64, scale: f64| {
+            assert!((got - want).abs() <= 1e-12 * scale, "{got} vs {want}");
+        };
+        for (rows, k, columns) in [
+            (1, 1, 1),
+            (3, 7, 2),
+            (4, 8, 4),
+            (5, 33, 5),
+            (9, 100, 7),
+            (6, 64, 13),
+        ] {
+            let a = random(&mut rng, rows * k, 3.0);
+            let w = random(&mut rng, k * columns, 1.0);
+            for f32s in [false, true] {
+                let bytes = if f32s {
+                    f32_bytes(&a.iter().map(|&v| v as f32).collect::<Vec<f32>>())
+                } else {
+                    f64_bytes(&a)
+                };
+                let mut shifted = vec![0u8; bytes.len() + 1];
+                shifted[1..].copy_from_slice(&bytes);
+                // The path this CPU takes, and the portable one (what CPUs without
+                // AVX-512 take).
+                let inputs = [
+                    (&bytes[..], false),
+                    (&shifted[1..], false),
+                    (&bytes[..], true),
+                ];
+                for (input, portable) in inputs {
+                    let width = 2 * columns + 1;
+                    let mut out = vec![0.0; rows * width];
+                    let mut stats = Vec::new();
+                    fn run<T: Element>(
+                        portable: bool,
+                        a: &[T],
+                        (k, w, columns, width): (usize, &[f64], usize, usize),
+                        out: &mut [f64],
+                        stats: &mut Vec<Stats>,
+                    ) {
+                        if portable {
+                            times_portable::<T, false>(a, k, w, out, (width, 0), Some(2 * columns));
+                            times_portable::<T, true>(a, k, w, out, (width, columns), None);
+                            row_stats_lanes::<T, false, 8, false>(a, k, &w[..k], stats);
+                        } else {
+                            times::<T, false>(a, k, w, out, (width, 0), Some(2 * columns));
+                            times::<T, true>(a, k, w, out, (width, columns), None);
+                            row_stats::<T, false>(a, k, &w[..k], stats);
+                        }
+                    }
+                    let shape = (k, &w[..], columns, width);
+                    if f32s {
+                        run(
+                            portable,
+                            &elements::<f32>(input),
+                            shape,
+                            &mut out,
+                            &mut stats,
+                        );
+                    } else {
+                        run(
+                            portable,
+                            &elements::<f64>(input),
+                            shape,
+                            &mut out,
+                            &mut stats,
+                        );
+                    }
+                    // f32 input: compare with the sums of the rounded values.
+                    let a: Vec<f64> = if f32s {
+                        a.iter().map(|&v| f64::from(v as f32)).collect()
+                    } else {
+                        a.clone()
+                    };
+                    let plain = |t: usize, c: usize, abs: bool| -> (f64, f64) {
+                        (0..k).fold((0.0, 0.0), |(sum, scale), l| {
+                            let v = if abs {
+                                a[t * k + l].abs()
+                            } else {
+                                a[t * k + l]
+                            };
+                            let p = v * w[c * k + l];
+                            (sum + p, scale + p.abs())
+                        })
+                    };
+                    for t in 0..rows {
+                        let row = &a[t * k..(t + 1) * k];
+                        for c in 0..columns {
+                            let (want, scale) = plain(t, c, false);
+                            close(out[t * width + c], want, scale);
+                            let (want, scale) = plain(t, c, true);
+                            close(out[t * width + columns + c], want, scale);
+                        }
+                        let abs: f64 = row.iter().map(|v| v.abs()).sum();
+                        close(out[t * width + 2 * columns], abs, abs);
+                        let (dot, scale) = plain(t, 0, false);
+                        close(stats[t].0, dot, scale);
+                        close(stats[t].1, abs, abs);
+                        let max = row.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                        assert_eq!(stats[t].2, max);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A job of many tiles, cut unevenly (bands of every width the passes block by), with
+    /// and without the balanced shortcut: every honest tile passes, and a wrong element
+    /// in any tile is found in its row.
+    #[test]
+    fn every_tile_of_a_job_is_judged_right() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for dtype in [Dtype::F32, Dtype::F64] {
+            for balanced in [true, false] {
+                // Balanced needs bands wide enough for their row sums to agree: 7 of 64.
+                let (m, n, k, edge) = if balanced {
+                    (45, 448, 130, 64)
+                } else {
+                    (45, 97, 130, 8)
+                };
+                let mut case = Case::new(dtype, (m, n, k), 4, false);
+                if !balanced {
+                    let b: Vec<f64> = match dtype {
+                        Dtype::F32 => tabgrid_shared::matrix::f32s(&case.b)
+                            .iter()
+                            .map(|&v| f64::from(v))
+                            .collect(),
+                        Dtype::F64 => tabgrid_shared::matrix::f64s(&case.b),
+                    };
+                    let b: Vec<f64> = b
+                        .chunks_exact(n)
+                        .enumerate()
+                        .flat_map(|(l, row)| {
+                            let scale = if l % 4 == 0 { 500.0 } else { 1.0 };
+                            row.iter().map(move |v| v * scale)
+                        })
+                        .collect();
+                    case.b = match dtype {
+                        Dtype::F32 => f32_bytes(&b.iter().map(|&v| v as f32).collect::<Vec<f32>>()),
+                        Dtype::F64 => f64_bytes(&b),
+                    };
+                    case = case.recomputed();
+                }
+                // Tiles 5 high (the last row band 5 too: 9 bands), 64 wide (7 bands) or 8
+                // wide (13 bands, the last one 1 wide).
+                let plan = TilePlan::new(m as u32, n as u32, k as u32, 5, edge);
+                let size = dtype.size();
+                let a_panels = (0..plan.tiles_i())
+                    .map(|i| {
+                        let rows = plan.rows(i);
+                        Bytes::copy_from_slice(
+                            &case.a[rows.start as usize * k * size..rows.end as usize * k * size],
+                        )
+                    })
+                    .collect();
+                let block = |bytes: &[u8],
+                             rows: std::ops::Range<u32>,
+                             cols: std::ops::Range<u32>,
+                             width: usize| {
+                    let mut out = Vec::new();
+                    for r in rows {
+                        let start = (r as usize * width + cols.start as usize) * size;
+                        out.extend_from_slice(&bytes[start..start + cols.len() * size]);
+                    }
+                    out
+                };
+                let b_panels = (0..plan.tiles_j())
+                    .map(|j| Bytes::from(block(&case.b, 0..k as u32, plan.cols(j), n)))
+                    .collect();
+                let check = JobCheck::new(
+                    dtype, case.alpha, case.beta, plan, a_panels, b_panels, &mut rng,
+                );
+                assert_eq!(check.w().balanced.is_some(), balanced, "{dtype}");
+                for (i, j) in plan.tiles() {
+                    let (rows, cols) = (plan.rows(i), plan.cols(j));
+                    let c = case
+                        .c
+                        .as_ref()
+                        .map(|c| block(c, rows.clone(), cols.clone(), n));
+                    let tile = block(&case.result, rows.clone(), cols.clone(), n);
+                    assert_eq!(
+                        check.check((i, j), c.as_deref(), &tile),
+                        Ok(()),
+                        "{dtype} tile ({i}, {j})"
+                    );
+                    let (row, col) = (
+                        (i + j) as usize % rows.len(),
+                        (i * 3 + j) as usize % cols.len(),
+                    );
+                    // As in `a_wrong_element_fails`: a share of the tile's largest value.
+                    let mut wrong = Case {
+                        result: tile,
+                        n: cols.len(),
+                        ..case.clone()
+                    };
+                    wrong.corrupt(row, col, if dtype == Dtype::F32 { 0.1 } else { 1e-6 });
+                    let tile = wrong.result;
+                    let err = check
+                        .check((i, j), c.as_deref(), &tile)
+                        .expect_err("a wrong element");
+                    assert_eq!(err.row, row, "{dtype} tile ({i}, {j}): {err}");
+                }
+            }
+        }
     }
 
     #[test]
