@@ -9,7 +9,8 @@
 //! 10 000 tiles.
 //!
 //! Options: `--size N` (2048), `--threads T` (2), `--runs R` (5), `--edge E` (the tile
-//! policy's), `--tiny-edge E` (8).
+//! policy's), `--tiny-edge E` (8), `--in-memory-only` (the first part on the in-memory
+//! store alone: a quick look at the grid's own overhead).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,10 +251,11 @@ async fn main() {
         start.elapsed().as_secs_f64()
     };
 
+    let quick = std::env::args().any(|a| a == "--in-memory-only");
     let pg = Postgres::start(false).await;
-    let kinds = KINDS;
+    let kinds: &[Kind] = if quick { &KINDS[..1] } else { &KINDS };
     let mut grids = Vec::new();
-    for kind in kinds {
+    for &kind in kinds {
         grids.push(start_grid(kind, &pg, threads, edge, tabgrid_worker::DEFAULT_SLOTS).await);
     }
     let mut reference = vec![0f32; n * n];
@@ -319,6 +321,9 @@ async fn main() {
             median(store_ratios[i].clone())
         );
     }
+    if quick {
+        return;
+    }
 
     // Per-tile overhead: many tiny tiles over loopback WebSocket, each tile accepted
     // through the store.
@@ -328,7 +333,7 @@ async fn main() {
     let (ta, tb) = (npy(m, k, &random(m * k, 3)), npy(k, m, &random(k * m, 4)));
     let mut grids = Vec::new();
     for kind in kinds {
-        grids.push(start_grid(kind, &pg, threads, tiny as u32, slots).await);
+        grids.push(start_grid(*kind, &pg, threads, tiny as u32, slots).await);
     }
     let mut rates = vec![Vec::new(); kinds.len()];
     let mut tiles = 0;
@@ -361,7 +366,7 @@ async fn main() {
     let count = 400;
     let mut per_second = Vec::new();
     for kind in kinds {
-        let grid = Arc::new(start_grid(kind, &pg, 1, 64, 1).await);
+        let grid = Arc::new(start_grid(*kind, &pg, 1, 64, 1).await);
         let start = Instant::now();
         let mut tasks = Vec::new();
         for lane in 0..8 {

@@ -757,10 +757,18 @@ unsafe fn block_avx512<
         let v = unsafe { load8(row, l) };
         if ABS { _mm512_abs_pd(v) } else { v }
     };
+    const PREFETCH: usize = 256;
     let mut acc = [[_mm512_setzero_pd(); G]; R];
     let mut abs_acc = [_mm512_setzero_pd(); R];
     let mut l = 0;
     while l < full {
+        if l % (64 / std::mem::size_of::<T>()) == 0 {
+            // One line of each row, a few hundred elements ahead.
+            for row in rows {
+                // A hint, never a fault: prefetches may point past the end.
+                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(l + PREFETCH).cast::<i8>());
+            }
+        }
         let xs: [__m512d; R] = std::array::from_fn(|h| load(rows[h], l));
         if SUM {
             for h in 0..R {
