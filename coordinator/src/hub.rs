@@ -354,9 +354,12 @@ impl Session {
             }
             ToCoordinator::Result(result) => {
                 let checksum_ok = protocol::checksum(&result.payload) == result.checksum;
-                let verdict = match grid.check_inputs(worker, result.lease) {
-                    Some(inputs) if checksum_ok => Some(verify_result(inputs, &result).await),
-                    _ => None,
+                let (result, verdict) = match grid.check_inputs(worker, result.lease) {
+                    Some(inputs) if checksum_ok => {
+                        let (result, verdict) = verify_result(inputs, result).await;
+                        (result, Some(verdict))
+                    }
+                    _ => (result, None),
                 };
                 grid.result(worker, result, checksum_ok, verdict)
                     .map_err(|err| match err {
@@ -397,27 +400,50 @@ impl Session {
 }
 
 /// Freivalds' check of a result, on a blocking thread when it is big enough to hold up
-/// this socket's other frames. A result of the wrong size is left for `Grid::result` to
-/// refuse.
-async fn verify_result(inputs: CheckInputs, result: &TileResult) -> Result<(), verify::Mismatch> {
+/// this socket's other frames (the result goes there and back, not copied). A result of
+/// the wrong size is left for `Grid::result` to refuse.
+async fn verify_result(
+    inputs: CheckInputs,
+    result: TileResult,
+) -> (TileResult, Result<(), verify::Mismatch>) {
     if result.payload.len() != inputs.expected {
-        return Ok(());
+        return (result, Ok(()));
     }
     if inputs.cost() < INLINE_CHECK_COST {
-        return inputs.verify(&result.payload);
+        let verdict = inputs.verify(&result.payload);
+        return (result, verdict);
     }
-    let payload = result.payload.clone();
-    match tokio::task::spawn_blocking(move || inputs.verify(&payload)).await {
-        Ok(verdict) => verdict,
+    let lease = result.lease;
+    let failed = || verify::Mismatch {
+        row: 0,
+        got: f64::NAN,
+        want: f64::NAN,
+        tolerance: f64::NAN,
+    };
+    let checked = tokio::task::spawn_blocking(move || {
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inputs.verify(&result.payload)
+        }));
+        (result, verdict)
+    })
+    .await;
+    match checked {
+        Ok((result, Ok(verdict))) => (result, verdict),
+        // Never accepted unchecked: the tile is computed again.
+        Ok((result, Err(_))) => {
+            tracing::error!(lease, "the check of a result panicked");
+            (result, Err(failed()))
+        }
+        // Only when the runtime shuts down, and the connection with it.
         Err(err) => {
-            // Never accepted unchecked: the tile is computed again.
-            tracing::error!(error = %err, "the check of a result failed to run");
-            Err(verify::Mismatch {
-                row: 0,
-                got: f64::NAN,
-                want: f64::NAN,
-                tolerance: f64::NAN,
-            })
+            tracing::error!(error = %err, lease, "the check of a result did not run");
+            let result = TileResult {
+                lease,
+                checksum: 0,
+                compute_micros: 0,
+                payload: Vec::new(),
+            };
+            (result, Err(failed()))
         }
     }
 }

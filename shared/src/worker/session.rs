@@ -218,7 +218,9 @@ impl Session {
             tracing::warn!(lease = done.lease, "result for a lease not computing");
             return Vec::new();
         };
-        let mut commands = Vec::new();
+        // The next queued tile starts first, so that the pool computes while this result
+        // is hashed, encoded and sent.
+        let mut commands: Vec<Command> = self.next_task().into_iter().collect();
         if computing.cancelled {
             tracing::debug!(
                 lease = done.lease,
@@ -241,9 +243,7 @@ impl Session {
                 }
             }));
         }
-        let mut commands = self.give_back(commands);
-        commands.extend(self.next_task());
-        commands
+        self.give_back(commands)
     }
 
     /// Appends the `Ready{1}` that returns one credit.
@@ -405,6 +405,9 @@ mod tests {
         assert!(f.session.handle(f.assign(2)).is_empty(), "second waits");
         f.holds(&[1, 2]);
         let mut commands = f.session.computed(compute(&first, &instant_ms)).into_iter();
+        // The next tile starts before the result goes out: the pool is never idle while
+        // the socket sends.
+        assert!(matches!(commands.next(), Some(Command::Compute(task)) if task.lease == 2));
         assert!(matches!(
             commands.next(),
             Some(Command::Send(ToCoordinator::Result(_)))
@@ -413,7 +416,6 @@ mod tests {
             commands.next(),
             Some(Command::Send(ToCoordinator::Ready { slots: 1 }))
         ));
-        assert!(matches!(commands.next(), Some(Command::Compute(task)) if task.lease == 2));
         assert!(commands.next().is_none());
         f.holds(&[2]);
     }
@@ -444,11 +446,11 @@ mod tests {
         assert!(f.session.handle(ToWorker::Cancel { lease: 1 }).is_empty());
         f.holds(&[1, 2]);
         let mut commands = f.session.computed(compute(&first, &instant_ms)).into_iter();
+        assert!(matches!(commands.next(), Some(Command::Compute(task)) if task.lease == 2));
         assert!(matches!(
             commands.next(),
             Some(Command::Send(ToCoordinator::Ready { slots: 1 }))
         ));
-        assert!(matches!(commands.next(), Some(Command::Compute(task)) if task.lease == 2));
         assert!(commands.next().is_none());
         f.holds(&[2]);
     }
@@ -495,7 +497,7 @@ mod tests {
         f.session.handle(ToWorker::Forget { keys });
         assert_eq!((f.session.cache().len(), f.session.cache().bytes()), (0, 0));
         let commands = f.session.computed(compute(&first, &instant_ms));
-        let Some(Command::Compute(second)) = commands.into_iter().last() else {
+        let Some(Command::Compute(second)) = commands.into_iter().next() else {
             panic!("second tile should start");
         };
         assert_eq!(
