@@ -1,15 +1,17 @@
 //! Verification overhead (`cargo xtask bench verify`): what Freivalds' check of every tile
 //! costs the coordinator, as a share of the job's compute, for square jobs of n = 1024,
 //! 2048, 4096 in f32 and f64 cut with the tile policy. The compute is the shared kernel on
-//! one thread (what one worker core spends); the check is `verify::check` on one thread
-//! (what one coordinator core spends), both timed in this run. Replication, the usual
-//! alternative, would cost one extra copy of the compute: 100 %.
+//! one thread (what one worker core spends). The coordinator hashes every operand panel
+//! (content keys) and every result (checksums) whether or not it checks; the check's
+//! passes run on the same bytes as they are hashed. Its cost is the difference between
+//! that work with and without the check, on one thread (what one coordinator core
+//! spends), timed in this run; the check on its own (from panels in memory, sharing no
+//! pass) is shown beside it. Replication, the usual alternative, would cost one extra
+//! copy of the compute: 100 %.
 //!
 //! Options: `--sizes 1024,2048,4096`, `--reps R` (3; medians).
 
 use std::time::Instant;
-
-use bytes::Bytes;
 
 use tabgrid_coordinator::verify;
 use tabgrid_shared::kernels::{MatMut, MatRef, gemm};
@@ -76,45 +78,119 @@ fn compute(dtype: Dtype, n: usize, a: &Matrix, b: &Matrix) -> (Matrix, f64) {
     (c, start.elapsed().as_secs_f64())
 }
 
-/// Checks every tile of `c` as the coordinator does (one `JobCheck` for the job); returns
-/// the seconds it took.
-fn verify_all(dtype: Dtype, plan: TilePlan, a: &Matrix, b: &Matrix, c: &Matrix) -> f64 {
+/// A job's panels and result tiles, cut as the grid cuts them (not timed: the grid cuts
+/// them whether or not it checks).
+struct Cut {
+    plan: TilePlan,
+    a: Vec<Vec<u8>>,
+    b: Vec<Vec<u8>>,
+    /// Each with its checksum, as the worker sent it.
+    tiles: Vec<((u32, u32), Vec<u8>, u64)>,
+}
+
+fn cut(dtype: Dtype, plan: TilePlan, a: &Matrix, b: &Matrix, c: &Matrix) -> Cut {
     let k = plan.k as usize;
     let row_bytes = k * dtype.size();
-    // Panels as workers get them (cut once per job, not timed: the grid cuts them anyway).
-    let a_panels: Vec<Bytes> = (0..plan.tiles_i())
-        .map(|i| {
-            let rows = plan.rows(i);
-            Bytes::copy_from_slice(
-                &a.data[rows.start as usize * row_bytes..rows.end as usize * row_bytes],
-            )
-        })
-        .collect();
-    let b_panels: Vec<Bytes> = (0..plan.tiles_j())
-        .map(|j| {
-            let cols = plan.cols(j);
-            Bytes::from(b.block(0, cols.start as usize, k, cols.len()))
-        })
-        .collect();
-    let tiles: Vec<((u32, u32), Vec<u8>)> = plan
-        .tiles()
-        .map(|(i, j)| {
-            let (rows, cols) = (plan.rows(i), plan.cols(j));
-            let block = c.block(
-                rows.start as usize,
-                cols.start as usize,
-                rows.len(),
-                cols.len(),
-            );
-            ((i, j), block)
-        })
-        .collect();
+    Cut {
+        plan,
+        a: (0..plan.tiles_i())
+            .map(|i| {
+                let rows = plan.rows(i);
+                a.data[rows.start as usize * row_bytes..rows.end as usize * row_bytes].to_vec()
+            })
+            .collect(),
+        b: (0..plan.tiles_j())
+            .map(|j| {
+                let cols = plan.cols(j);
+                b.block(0, cols.start as usize, k, cols.len())
+            })
+            .collect(),
+        tiles: plan
+            .tiles()
+            .map(|(i, j)| {
+                let (rows, cols) = (plan.rows(i), plan.cols(j));
+                let block = c.block(
+                    rows.start as usize,
+                    cols.start as usize,
+                    rows.len(),
+                    cols.len(),
+                );
+                let sum = tabgrid_shared::protocol::checksum(&block);
+                ((i, j), block, sum)
+            })
+            .collect(),
+    }
+}
+
+/// What the coordinator does to a job's bytes with or without checking: hashes every
+/// panel (content keys) and every result (checksums); with `check`, builds the job's
+/// `JobCheck` from the panels as they are hashed and checks every result as it is hashed,
+/// as `grid::PreparedJob` and the socket task do. Returns the seconds it took.
+fn handle(dtype: Dtype, job: &Cut, check: bool) -> f64 {
+    let plan = job.plan;
+    let size = dtype.size();
+    let k = plan.k as usize;
     let start = Instant::now();
-    let check = verify::JobCheck::new(dtype, 1.0, 0.0, plan, a_panels, b_panels, &mut rand::rng());
-    for (tile, result) in &tiles {
-        check
-            .check(*tile, None, result)
-            .expect("an honest tile passes");
+    if !check {
+        for (j, panel) in job.b.iter().enumerate() {
+            let mut hasher = blake3::Hasher::new();
+            verify::hash_rows(
+                &mut hasher,
+                panel,
+                plan.cols(j as u32).len() * size,
+                |_, _| {},
+            );
+            std::hint::black_box(hasher.finalize());
+        }
+        for panel in &job.a {
+            let mut hasher = blake3::Hasher::new();
+            verify::hash_rows(&mut hasher, panel, k * size, |_, _| {});
+            std::hint::black_box(hasher.finalize());
+        }
+        for (_, tile, sum) in &job.tiles {
+            assert_eq!(tabgrid_shared::protocol::checksum(tile), *sum);
+        }
+        return start.elapsed().as_secs_f64();
+    }
+    let mut from_b = verify::JobCheck::begin(dtype, 1.0, 0.0, plan, &mut rand::rng());
+    for (j, panel) in job.b.iter().enumerate() {
+        let mut hasher = blake3::Hasher::new();
+        let row_bytes = plan.cols(j as u32).len() * size;
+        verify::hash_rows(&mut hasher, panel, row_bytes, |first, rows| {
+            from_b.rows_of_b(j as u32, first, rows)
+        });
+        std::hint::black_box(hasher.finalize());
+    }
+    let mut from_a = from_b.then_a();
+    for (i, panel) in job.a.iter().enumerate() {
+        let mut hasher = blake3::Hasher::new();
+        verify::hash_rows(&mut hasher, panel, k * size, |first, rows| {
+            from_a.rows_of_a(i as u32, first, rows)
+        });
+        std::hint::black_box(hasher.finalize());
+    }
+    let check = from_a.finish();
+    for (tile, result, sum) in &job.tiles {
+        let (ok, verdict) = check.check_hashed(*tile, result, *sum);
+        assert!(ok && verdict == Some(Ok(())), "an honest tile passes");
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// The check on its own, from the panels in memory (no hashing to share its passes with):
+/// what it would cost a coordinator that did not hash.
+fn alone(dtype: Dtype, job: &Cut) -> f64 {
+    let start = Instant::now();
+    let a: Vec<&[u8]> = job.a.iter().map(Vec::as_slice).collect();
+    let b: Vec<&[u8]> = job.b.iter().map(Vec::as_slice).collect();
+    let panels = verify::Panels {
+        a: &a,
+        b: &b,
+        c: None,
+    };
+    let check = verify::JobCheck::from_panels(dtype, 1.0, 0.0, job.plan, panels, &mut rand::rng());
+    for (tile, result, _) in &job.tiles {
+        check.check(*tile, result).expect("an honest tile passes");
     }
     start.elapsed().as_secs_f64()
 }
@@ -135,9 +211,9 @@ fn main() {
             .join(",")
     );
     println!(
-        "\n| n | dtype | tiles | compute, 1 thread (s) | check of every tile, 1 thread (s) | overhead | replication |"
+        "\n| n | dtype | tiles | compute, 1 thread (s) | hashing alone (s) | hashing + check (s) | **overhead** | check alone, unshared (s) | its overhead | replication |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         for dtype in [Dtype::F32, Dtype::F64] {
             let values = |seed| {
@@ -153,18 +229,29 @@ fn main() {
             let (a, b) = (values(1), values(2));
             let plan =
                 TilePlan::with_edge(n as u32, n as u32, n as u32, dtype, PREFERRED_EDGE).unwrap();
-            let (mut computes, mut checks) = (Vec::new(), Vec::new());
+            let (mut computes, mut plain, mut checked, mut extra, mut unshared) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
                 let (c, seconds) = compute(dtype, n, &a, &b);
                 computes.push(seconds);
-                checks.push(verify_all(dtype, plan, &a, &b, &c));
+                let job = cut(dtype, plan, &a, &b, &c);
+                let without = handle(dtype, &job, false);
+                let with = handle(dtype, &job, true);
+                plain.push(without);
+                checked.push(with);
+                extra.push((with - without) / seconds);
+                unshared.push(alone(dtype, &job) / seconds);
             }
-            let (compute, check) = (median(computes), median(checks));
             println!(
-                "| {n} | {} | {} | {compute:.3} | {check:.4} | **{:.2} %** | 100 % |",
+                "| {n} | {} | {} | {:.3} | {:.4} | {:.4} | **{:.2} %** | {:.4} | {:.2} % | 100 % |",
                 dtype.name(),
                 plan.tile_count(),
-                100.0 * check / compute
+                median(computes.clone()),
+                median(plain),
+                median(checked),
+                100.0 * median(extra),
+                median(unshared.clone()) * median(computes),
+                100.0 * median(unshared),
             );
         }
     }

@@ -107,6 +107,8 @@ pub struct PreparedJob {
     a_panels: Vec<Arc<OperandData>>,
     b_panels: Vec<Arc<OperandData>>,
     c_tiles: Option<Vec<Arc<OperandData>>>,
+    /// `None` for a replicated job.
+    check: Option<Arc<verify::JobCheck>>,
 }
 
 /// Lets a `Bytes` borrow a matrix's buffer without copying it.
@@ -118,10 +120,19 @@ impl AsRef<[u8]> for MatrixBytes {
     }
 }
 
-fn operand(dtype: Dtype, rows: usize, cols: usize, bytes: Bytes) -> Arc<OperandData> {
+/// An operand panel with its content key, hashed a few rows at a time; `rows` sees each
+/// piece right after it is hashed (see [`verify::hash_rows`]).
+fn operand(
+    dtype: Dtype,
+    (rows, cols): (usize, usize),
+    bytes: Bytes,
+    each: impl FnMut(usize, &[u8]),
+) -> Arc<OperandData> {
     let (rows, cols) = (rows as u32, cols as u32);
+    let mut hasher = OperandKey::hasher(dtype, rows, cols);
+    verify::hash_rows(&mut hasher, &bytes, cols as usize * dtype.size(), each);
     Arc::new(OperandData {
-        key: OperandKey::of(dtype, rows, cols, &bytes),
+        key: OperandKey::from_hasher(&hasher),
         dtype,
         rows,
         cols,
@@ -131,53 +142,75 @@ fn operand(dtype: Dtype, rows: usize, cols: usize, bytes: Bytes) -> Arc<OperandD
 
 impl PreparedJob {
     /// Cuts the operands into row panels of A, column panels of B and tiles of C, and
-    /// computes their content keys. CPU-bound: call it off the async runtime.
+    /// computes their content keys; the job's check ([`verify::JobCheck`]) is built from
+    /// the same bytes as they are hashed, B first. CPU-bound: call it off the async
+    /// runtime.
     pub fn new(job: NewJob) -> PreparedJob {
         let plan = job.plan;
         let a = &job.operands.a;
         let dtype = a.dtype;
         let k = plan.k as usize;
         let row_bytes = k * dtype.size();
+        let c = job.operands.c.as_ref().filter(|_| job.beta != 0.0);
+        let beta = if c.is_some() { job.beta } else { 0.0 };
+        let mut from_b = job
+            .quorum
+            .is_none()
+            .then(|| verify::JobCheck::begin(dtype, job.alpha, beta, plan, &mut rand::rng()));
+        let b_panels = (0..plan.tiles_j())
+            .map(|j| {
+                let cols = plan.cols(j);
+                let block = job.operands.b.block(0, cols.start as usize, k, cols.len());
+                operand(dtype, (k, cols.len()), Bytes::from(block), |first, rows| {
+                    if let Some(check) = from_b.as_mut() {
+                        check.rows_of_b(j, first, rows);
+                    }
+                })
+            })
+            .collect();
+        let mut from_a = from_b.map(verify::FromB::then_a);
         let a_all = Bytes::from_owner(MatrixBytes(a.clone()));
         let a_panels = (0..plan.tiles_i())
             .map(|i| {
                 let rows = plan.rows(i);
                 let bytes =
                     a_all.slice(rows.start as usize * row_bytes..rows.end as usize * row_bytes);
-                operand(dtype, rows.len(), k, bytes)
+                operand(dtype, (rows.len(), k), bytes, |first, rows| {
+                    if let Some(check) = from_a.as_mut() {
+                        check.rows_of_a(i, first, rows);
+                    }
+                })
             })
             .collect();
-        let b_panels = (0..plan.tiles_j())
-            .map(|j| {
-                let cols = plan.cols(j);
-                let block = job.operands.b.block(0, cols.start as usize, k, cols.len());
-                operand(dtype, k, cols.len(), Bytes::from(block))
-            })
-            .collect();
-        let c_tiles = job
-            .operands
-            .c
-            .as_ref()
-            .filter(|_| job.beta != 0.0)
-            .map(|c| {
-                plan.tiles()
-                    .map(|(i, j)| {
-                        let (rows, cols) = (plan.rows(i), plan.cols(j));
-                        let block = c.block(
-                            rows.start as usize,
-                            cols.start as usize,
-                            rows.len(),
-                            cols.len(),
-                        );
-                        operand(dtype, rows.len(), cols.len(), Bytes::from(block))
-                    })
-                    .collect()
-            });
+        let c_tiles = c.map(|c| {
+            plan.tiles()
+                .map(|(i, j)| {
+                    let (rows, cols) = (plan.rows(i), plan.cols(j));
+                    let block = c.block(
+                        rows.start as usize,
+                        cols.start as usize,
+                        rows.len(),
+                        cols.len(),
+                    );
+                    operand(
+                        dtype,
+                        (rows.len(), cols.len()),
+                        Bytes::from(block),
+                        |first, rows| {
+                            if let Some(check) = from_a.as_mut() {
+                                check.rows_of_c((i, j), first, rows);
+                            }
+                        },
+                    )
+                })
+                .collect()
+        });
         PreparedJob {
             job,
             a_panels,
             b_panels,
             c_tiles,
+            check: from_a.map(|check| Arc::new(check.finish())),
         }
     }
 }
@@ -193,8 +226,8 @@ struct LiveJob {
     record: JobRecord,
     /// Replicated jobs: copies returned per open tile, until enough agree.
     copies: HashMap<(u32, u32), Vec<Replica>>,
-    /// The secret of its results' checks and the work they share.
-    check: Arc<verify::JobCheck>,
+    /// The secret of its results' checks and the work they share (`None`: replicated).
+    check: Option<Arc<verify::JobCheck>>,
     plan: TilePlan,
     /// The result being assembled; `None` on a shared store, where the tiles live.
     result: Option<Matrix>,
@@ -335,7 +368,6 @@ pub const BAN_COOLDOWN: Duration = Duration::from_secs(600);
 pub struct CheckInputs {
     check: Arc<verify::JobCheck>,
     tile: (u32, u32),
-    c: Option<Arc<OperandData>>,
     /// Bytes the result must have.
     pub expected: usize,
 }
@@ -346,10 +378,14 @@ impl CheckInputs {
         self.check.cost(self.tile)
     }
 
-    /// Freivalds' check of `result`, whose size is `expected`.
-    pub fn verify(&self, result: &[u8]) -> Result<(), verify::Mismatch> {
-        self.check
-            .check(self.tile, self.c.as_ref().map(|c| &c.bytes[..]), result)
+    /// Whether `checksum` is `result`'s, and if so the verdict of Freivalds' check on it,
+    /// in one pass over `result` (whose size is `expected`).
+    pub fn verify(
+        &self,
+        result: &[u8],
+        checksum: u64,
+    ) -> (bool, Option<Result<(), verify::Mismatch>>) {
+        self.check.check_hashed(self.tile, result, checksum)
     }
 }
 
@@ -632,6 +668,7 @@ impl Grid {
             a_panels,
             b_panels,
             c_tiles,
+            check,
         } = prepared;
         let plan = job.plan;
         let mut inner = self.lock();
@@ -652,15 +689,6 @@ impl Grid {
             quorum: job.quorum,
             held: inner.shared.then(Vec::new),
         };
-        let check = Arc::new(verify::JobCheck::new(
-            record.dtype,
-            job.alpha,
-            if c_tiles.is_some() { job.beta } else { 0.0 },
-            plan,
-            a_panels.iter().map(|p| p.bytes.clone()).collect(),
-            b_panels.iter().map(|p| p.bytes.clone()).collect(),
-            &mut rand::rng(),
-        ));
         let mut keys = Vec::new();
         for data in a_panels
             .into_iter()
@@ -831,23 +859,12 @@ impl Grid {
             return None;
         }
         let job = inner.jobs.get(&job_id)?;
-        if job.record.quorum.is_some() {
-            // Replicated: copies are compared with each other instead.
-            return None;
-        }
+        // Replicated (no check): copies are compared with each other instead.
+        let check = job.check.clone()?;
         let plan = job.plan;
-        let (tiles_i, tiles_j) = (plan.tiles_i() as usize, plan.tiles_j() as usize);
-        let (i, j) = (tile.0 as usize, tile.1 as usize);
-        let c = if job.has_c {
-            let key = job.keys.get(tiles_i + tiles_j + i * tiles_j + j)?;
-            Some(inner.operands.get(key)?.0.clone())
-        } else {
-            None
-        };
         Some(CheckInputs {
-            check: job.check.clone(),
+            check,
             tile,
-            c,
             expected: plan.rows(tile.0).len() * plan.cols(tile.1).len() * job.record.dtype.size(),
         })
     }

@@ -353,13 +353,12 @@ impl Session {
                 grid.failed(worker, lease, &reason).map_err(violation)
             }
             ToCoordinator::Result(result) => {
-                let checksum_ok = protocol::checksum(&result.payload) == result.checksum;
-                let (result, verdict) = match grid.check_inputs(worker, result.lease) {
-                    Some(inputs) if checksum_ok => {
-                        let (result, verdict) = verify_result(inputs, result).await;
-                        (result, Some(verdict))
+                let (result, checksum_ok, verdict) = match grid.check_inputs(worker, result.lease) {
+                    Some(inputs) => verify_result(inputs, result).await,
+                    None => {
+                        let ok = protocol::checksum(&result.payload) == result.checksum;
+                        (result, ok, None)
                     }
-                    _ => (result, None),
                 };
                 grid.result(worker, result, checksum_ok, verdict)
                     .map_err(|err| match err {
@@ -399,19 +398,21 @@ impl Session {
     }
 }
 
-/// Freivalds' check of a result, on a blocking thread when it is big enough to hold up
-/// this socket's other frames (the result goes there and back, not copied). A result of
-/// the wrong size is left for `Grid::result` to refuse.
+/// A result's checksum and Freivalds' check, in one pass over it (see
+/// [`CheckInputs::verify`]); on a blocking thread when it is big enough to hold up this
+/// socket's other frames (the result goes there and back, not copied). A result of the
+/// wrong size is only hashed, and left for `Grid::result` to refuse.
 async fn verify_result(
     inputs: CheckInputs,
     result: TileResult,
-) -> (TileResult, Result<(), verify::Mismatch>) {
+) -> (TileResult, bool, Option<Result<(), verify::Mismatch>>) {
     if result.payload.len() != inputs.expected {
-        return (result, Ok(()));
+        let ok = protocol::checksum(&result.payload) == result.checksum;
+        return (result, ok, None);
     }
     if inputs.cost() < INLINE_CHECK_COST {
-        let verdict = inputs.verify(&result.payload);
-        return (result, verdict);
+        let (ok, verdict) = inputs.verify(&result.payload, result.checksum);
+        return (result, ok, verdict);
     }
     let lease = result.lease;
     let failed = || verify::Mismatch {
@@ -422,17 +423,17 @@ async fn verify_result(
     };
     let checked = tokio::task::spawn_blocking(move || {
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inputs.verify(&result.payload)
+            inputs.verify(&result.payload, result.checksum)
         }));
         (result, verdict)
     })
     .await;
     match checked {
-        Ok((result, Ok(verdict))) => (result, verdict),
+        Ok((result, Ok((ok, verdict)))) => (result, ok, verdict),
         // Never accepted unchecked: the tile is computed again.
         Ok((result, Err(_))) => {
             tracing::error!(lease, "the check of a result panicked");
-            (result, Err(failed()))
+            (result, true, Some(Err(failed())))
         }
         // Only when the runtime shuts down, and the connection with it.
         Err(err) => {
@@ -443,7 +444,7 @@ async fn verify_result(
                 compute_micros: 0,
                 payload: Vec::new(),
             };
-            (result, Err(failed()))
+            (result, true, Some(Err(failed())))
         }
     }
 }

@@ -64,9 +64,7 @@
 //! unless the row's magnitude is near the dtype's overflow threshold.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
 
-use bytes::Bytes;
 use rand::RngExt;
 use tabgrid_shared::Dtype;
 use tabgrid_shared::tiling::TilePlan;
@@ -115,35 +113,84 @@ pub fn check(tile: &Tile<'_>, result: &[u8], rng: &mut impl rand::Rng) -> Result
         tile.m.max(1) as u32,
         tile.n.max(1) as u32,
     );
-    let job = JobCheck::new(
+    let c = tile.c.filter(|_| tile.beta != 0.0).map(|c| vec![c]);
+    let job = JobCheck::from_panels(
         tile.dtype,
         tile.alpha,
         tile.beta,
         plan,
-        vec![Bytes::copy_from_slice(tile.a)],
-        vec![Bytes::copy_from_slice(tile.b)],
+        Panels {
+            a: &[tile.a],
+            b: &[tile.b],
+            c: c.as_deref(),
+        },
         rng,
     );
-    job.check((0, 0), tile.c.filter(|_| tile.beta != 0.0), result)
+    job.check((0, 0), result)
 }
 
-/// The check of every tile of one job: its secret `r`, and the work tiles share (see the
-/// module docs), computed when first needed and kept while the job lives.
+/// A job's operands as workers get them: A's row panels and B's column panels in plan
+/// order, and C's tiles in plan order when beta counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Panels<'a> {
+    pub a: &'a [&'a [u8]],
+    pub b: &'a [&'a [u8]],
+    pub c: Option<&'a [&'a [u8]]>,
+}
+
+/// Bytes of rows a fused pass takes at a time: hashed, then checked while in L2 (256 KiB
+/// measured best here against 16-512 KiB: fewer, longer hash updates).
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// Feeds `bytes` (whole rows of `row_bytes` each) to `hasher` a few rows at a time, and
+/// right after each piece calls `rows(first_row, piece)`, while the piece is still in
+/// cache. The coordinator hashes every operand and result anyway (content keys,
+/// checksums); a check fed this way costs its arithmetic, not another trip to memory.
+pub fn hash_rows(
+    hasher: &mut blake3::Hasher,
+    bytes: &[u8],
+    row_bytes: usize,
+    rows: impl FnMut(usize, &[u8]),
+) {
+    hash_rows_by(CHUNK_BYTES, hasher, bytes, row_bytes, rows)
+}
+
+/// [`hash_rows`] with pieces of about `piece_bytes`.
+fn hash_rows_by(
+    piece_bytes: usize,
+    hasher: &mut blake3::Hasher,
+    bytes: &[u8],
+    row_bytes: usize,
+    mut rows: impl FnMut(usize, &[u8]),
+) {
+    if row_bytes == 0 {
+        hasher.update(bytes);
+        return;
+    }
+    let per_piece = (piece_bytes / row_bytes).max(1);
+    for (n, piece) in bytes.chunks(per_piece * row_bytes).enumerate() {
+        hasher.update(piece);
+        rows(n * per_piece, piece);
+    }
+}
+
+/// The check of every tile of one job: its secret `r`, and the work its tiles share (see
+/// the module docs), all computed from the operands when the job is cut
+/// ([`JobCheck::begin`]), so that checking a tile is one pass over it.
 #[derive(Debug)]
 pub struct JobCheck {
     dtype: Dtype,
     alpha: f64,
     beta: f64,
     plan: TilePlan,
-    /// Row panels of A and column panels of B, as workers get them.
-    a: Vec<Bytes>,
-    b: Vec<Bytes>,
     /// One entry per result column.
     r: Vec<f64>,
     /// What every row band's check needs of B.
-    w: OnceLock<Columns>,
-    /// Per row band, `m_i × width`: `A_i·W`, with `|A_i|` for the bound columns.
-    x: Vec<OnceLock<Vec<f64>>>,
+    columns: Columns,
+    /// `m × width`, every row band's `A_i·W` in turn, with `|A_i|` for the bound columns.
+    x: Vec<f64>,
+    /// Per tile of C (when beta counts), per row: `(Σ c·r, Σ |c|, max |c|)`.
+    c: Vec<Vec<Stats>>,
 }
 
 /// `W`, `(2J + 1) × k` column by column: for each band `(B_j·r_j)_l`, then for each band
@@ -169,18 +216,29 @@ impl Columns {
     }
 }
 
+/// A [`JobCheck`] being built, first from B's panels ([`FromB::rows_of_b`]), then
+/// ([`FromB::then_a`]) from A's and C's ([`FromA`]).
+#[derive(Debug)]
+pub struct FromB {
+    job: JobCheck,
+}
+
+/// The second half of building a [`JobCheck`]: `W` is known.
+#[derive(Debug)]
+pub struct FromA {
+    job: JobCheck,
+}
+
 impl JobCheck {
-    /// `beta` is the job's when it has a C, else 0. `a` and `b` are the job's panels in
-    /// plan order.
-    pub fn new(
+    /// Starts the check of a job: draws its `r`. `beta` is the job's when it has a C,
+    /// else 0.
+    pub fn begin(
         dtype: Dtype,
         alpha: f64,
         beta: f64,
         plan: TilePlan,
-        a: Vec<Bytes>,
-        b: Vec<Bytes>,
         rng: &mut impl rand::Rng,
-    ) -> JobCheck {
+    ) -> FromB {
         let r = (0..plan.n)
             .map(|_| {
                 let magnitude = 0.5 + 0.5 * rng.random::<f64>();
@@ -191,130 +249,104 @@ impl JobCheck {
                 }
             })
             .collect();
-        JobCheck {
-            dtype,
-            alpha,
-            beta,
-            x: (0..plan.tiles_i()).map(|_| OnceLock::new()).collect(),
-            plan,
-            a,
-            b,
-            r,
-            w: OnceLock::new(),
+        let (k, bands) = (plan.k as usize, plan.tiles_j() as usize);
+        FromB {
+            job: JobCheck {
+                dtype,
+                alpha,
+                beta,
+                plan,
+                r,
+                columns: Columns {
+                    w: vec![0.0; k * (2 * bands + 1)],
+                    balanced: None,
+                },
+                x: Vec::new(),
+                c: Vec::new(),
+            },
         }
     }
 
-    /// Multiply-adds the next check of a tile in row band `i` costs: the band's share
-    /// the first time, then the tile's own pass.
+    /// The whole check from a job's panels at once (A's row panels and B's column panels
+    /// in plan order, C's tiles in plan order when beta counts), not hashed.
+    pub fn from_panels(
+        dtype: Dtype,
+        alpha: f64,
+        beta: f64,
+        plan: TilePlan,
+        Panels { a, b, c }: Panels<'_>,
+        rng: &mut impl rand::Rng,
+    ) -> JobCheck {
+        let beta = if c.is_some() { beta } else { 0.0 };
+        let mut check = JobCheck::begin(dtype, alpha, beta, plan, rng);
+        for (j, panel) in b.iter().enumerate() {
+            check.rows_of_b(j as u32, 0, panel);
+        }
+        let mut check = check.then_a();
+        for (i, panel) in a.iter().enumerate() {
+            check.rows_of_a(i as u32, 0, panel);
+        }
+        for (tile, c) in plan.tiles().zip(c.unwrap_or_default()) {
+            check.rows_of_c(tile, 0, c);
+        }
+        check.finish()
+    }
+
+    /// Multiply-adds a tile's check costs (to run it inline or on a blocking thread).
     pub fn cost(&self, (i, j): (u32, u32)) -> usize {
-        let (m, n, k) = (
-            self.plan.rows(i).len(),
-            self.plan.cols(j).len(),
-            self.plan.k as usize,
-        );
-        let mut cost = 2 * m * n;
-        if self.x[i as usize].get().is_none() {
-            cost += m * k * (self.plan.tiles_j() as usize + 1);
-        }
-        if self.w.get().is_none() {
-            cost += 3 * k * self.plan.n as usize;
-        }
-        cost
+        2 * self.plan.rows(i).len() * self.plan.cols(j).len()
     }
 
-    fn w(&self) -> &Columns {
-        self.w.get_or_init(|| match self.dtype {
-            Dtype::F32 => self.columns::<f32>(),
-            Dtype::F64 => self.columns::<f64>(),
-        })
-    }
-
-    /// One pass over B: `W` and whether its rows are balanced.
-    fn columns<T: Element>(&self) -> Columns {
-        let k = self.plan.k as usize;
-        let bands = self.plan.tiles_j() as usize;
-        let width = 2 * bands + 1;
-        let mut w = vec![0.0; k * width];
-        let mut stats = Vec::new();
-        for (j, panel) in self.b.iter().enumerate() {
-            let cols = self.plan.cols(j as u32);
-            let n = cols.len();
-            let r = &self.r[cols.start as usize..cols.end as usize];
-            let values = elements::<T>(panel);
-            let rows = values.len().checked_div(n).unwrap_or(k).min(k);
-            row_stats::<T, false>(&values[..rows * n], n, r, &mut stats);
-            for (l, &(dot, sum, max)) in stats.iter().enumerate() {
-                w[j * k + l] = dot;
-                w[(bands + j) * k + l] = sum;
-                let peak = &mut w[2 * bands * k + l];
-                *peak = peak.max(max);
-            }
+    /// Checks `result`, the worker's tile `(i, j)`. Sizes must match the plan (the caller
+    /// checked the result's).
+    pub fn check(&self, tile: (u32, u32), result: &[u8]) -> Result<(), Mismatch> {
+        let mut got = Vec::new();
+        match self.dtype {
+            Dtype::F32 => self.got::<f32>(tile, result, &mut got),
+            Dtype::F64 => self.got::<f64>(tile, result, &mut got),
         }
-        let spread = |column: &[f64]| {
-            let (low, high) = column.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
-            (low > 0.0 && high.is_finite() && high <= 2.0 * low).then_some(high)
-        };
-        let bounds = &w[bands * k..];
-        let balanced = bounds
-            .chunks_exact(k.max(1))
-            .map(spread)
-            .collect::<Option<Vec<f64>>>()
-            .filter(|_| k > 0)
-            .map(|mut highs| {
-                let peak = highs.pop().unwrap_or(0.0);
-                (highs, peak)
-            });
-        Columns { w, balanced }
+        self.judge(tile, &got)
     }
 
-    fn x(&self, i: u32) -> &[f64] {
-        self.x[i as usize].get_or_init(|| match self.dtype {
-            Dtype::F32 => self.band::<f32>(i),
-            Dtype::F64 => self.band::<f64>(i),
-        })
-    }
-
-    /// One pass over `A_i`: `X_i = A_i·W`, `m_i × width`.
-    fn band<T: Element>(&self, i: u32) -> Vec<f64> {
-        let columns = self.w();
-        let w = &columns.w;
-        let k = self.plan.k as usize;
-        let m = self.plan.rows(i).len();
-        let bands = self.plan.tiles_j() as usize;
-        let width = columns.x_width(bands);
-        let mut x = vec![0.0; m * width];
-        if k == 0 {
-            return x;
-        }
-        let values = elements::<T>(&self.a[i as usize]);
-        let rows = (values.len() / k).min(m);
-        let values = &values[..rows * k];
-        if columns.balanced.is_some() {
-            times::<T, false>(values, k, &w[..bands * k], &mut x, (width, 0), Some(bands));
-        } else {
-            times::<T, false>(values, k, &w[..bands * k], &mut x, (width, 0), None);
-            times::<T, true>(values, k, &w[bands * k..], &mut x, (width, bands), None);
-        }
-        x
-    }
-
-    /// Checks `result`, the worker's tile `(i, j)`, with `c` its tile of C when beta
-    /// counts. Sizes must match the plan (the caller checked the result's).
-    pub fn check(
+    /// Checks `result` while hashing it: whether `checksum` is its
+    /// [`protocol::checksum`](tabgrid_shared::protocol::checksum), and when it is, the
+    /// verdict of [`JobCheck::check`].
+    pub fn check_hashed(
         &self,
-        (i, j): (u32, u32),
-        c: Option<&[u8]>,
+        tile: (u32, u32),
         result: &[u8],
-    ) -> Result<(), Mismatch> {
+        checksum: u64,
+    ) -> (bool, Option<Result<(), Mismatch>>) {
+        let row_bytes = self.plan.cols(tile.1).len() * self.dtype.size();
+        let mut hasher = blake3::Hasher::new();
+        let mut got = Vec::new();
+        hash_rows(&mut hasher, result, row_bytes, |_, piece| {
+            match self.dtype {
+                Dtype::F32 => self.got::<f32>(tile, piece, &mut got),
+                Dtype::F64 => self.got::<f64>(tile, piece, &mut got),
+            }
+        });
+        if tabgrid_shared::protocol::checksum_of(&hasher) != checksum {
+            return (false, None);
+        }
+        (true, Some(self.judge(tile, &got)))
+    }
+
+    /// Appends `(T·r)` of every whole row in `rows`, a piece of tile `(i, j)`.
+    fn got<T: Element>(&self, (_, j): (u32, u32), rows: &[u8], got: &mut Vec<Stats>) {
+        let cols = self.plan.cols(j);
+        let r = &self.r[cols.start as usize..cols.end as usize];
+        row_stats::<T, true>(&elements::<T>(rows), cols.len(), r, got);
+    }
+
+    /// The verdict on tile `(i, j)` from its rows' `(T·r)`.
+    fn judge(&self, (i, j): (u32, u32), got: &[Stats]) -> Result<(), Mismatch> {
         let (rows, cols) = (self.plan.rows(i), self.plan.cols(j));
         let (m, n, k) = (rows.len(), cols.len(), self.plan.k as usize);
         let bands = self.plan.tiles_j() as usize;
-        let x = self.x(i);
-        let columns = self.w();
+        let columns = &self.columns;
         let width = columns.x_width(bands);
-        let r = &self.r[cols.start as usize..cols.end as usize];
+        let x = &self.x[rows.start as usize * width..rows.end as usize * width];
         let unit = match self.dtype {
             Dtype::F32 => f64::from(f32::EPSILON) / 2.0,
             Dtype::F64 => f64::EPSILON / 2.0,
@@ -325,12 +357,10 @@ impl JobCheck {
         };
         let gamma = 2.0 * (k + 2) as f64 * unit;
         let own = 2.0 * (k + n + 2) as f64 * (f64::EPSILON / 2.0);
-        let beta = c.map_or(0.0, |_| self.beta);
-        let (mut got, mut old) = (Vec::new(), Vec::new());
-        match self.dtype {
-            Dtype::F32 => tile_stats::<f32>(result, c, n, r, &mut got, &mut old),
-            Dtype::F64 => tile_stats::<f64>(result, c, n, r, &mut got, &mut old),
-        }
+        let old = self
+            .c
+            .get(i as usize * bands + j as usize)
+            .map_or(&[][..], Vec::as_slice);
         for (t, xs) in x.chunks_exact(width).enumerate().take(m.min(got.len())) {
             let mut want = self.alpha * xs[j as usize];
             let (scale_ab, peak_ab) = match &columns.balanced {
@@ -340,9 +370,9 @@ impl JobCheck {
             let mut scale = self.alpha.abs() * scale_ab;
             let mut peak = self.alpha.abs() * peak_ab;
             if let Some(&(dot, sum, max)) = old.get(t) {
-                want += beta * dot;
-                scale += beta.abs() * sum;
-                peak += beta.abs() * max;
+                want += self.beta * dot;
+                scale += self.beta.abs() * sum;
+                peak += self.beta.abs() * max;
             }
             let got = got[t].0;
             if !scale.is_finite() || !peak.is_finite() {
@@ -367,6 +397,120 @@ impl JobCheck {
         Ok(())
     }
 }
+
+impl FromB {
+    /// Rows `first..` of B's column panel `j`: `bytes` holds whole rows, little-endian.
+    pub fn rows_of_b(&mut self, j: u32, first: usize, bytes: &[u8]) {
+        match self.job.dtype {
+            Dtype::F32 => self.rows::<f32>(j, first, bytes),
+            Dtype::F64 => self.rows::<f64>(j, first, bytes),
+        }
+    }
+
+    fn rows<T: Element>(&mut self, j: u32, first: usize, bytes: &[u8]) {
+        let job = &mut self.job;
+        let (k, bands) = (job.plan.k as usize, job.plan.tiles_j() as usize);
+        let cols = job.plan.cols(j);
+        let r = &job.r[cols.start as usize..cols.end as usize];
+        let values = elements::<T>(bytes);
+        let n = cols.len().max(1);
+        let rows = (values.len() / n).min(k.saturating_sub(first));
+        let mut stats = Vec::with_capacity(rows);
+        row_stats::<T, false>(&values[..rows * n], cols.len(), r, &mut stats);
+        let w = &mut job.columns.w;
+        for (l, &(dot, sum, max)) in stats.iter().enumerate() {
+            let l = first + l;
+            w[j as usize * k + l] = dot;
+            w[(bands + j as usize) * k + l] = sum;
+            let peak = &mut w[2 * bands * k + l];
+            *peak = peak.max(max);
+        }
+    }
+
+    /// B is complete: whether its rows are balanced is settled, and A's and C's rows can
+    /// come.
+    pub fn then_a(self) -> FromA {
+        let mut job = self.job;
+        let (k, bands) = (job.plan.k as usize, job.plan.tiles_j() as usize);
+        let spread = |column: &[f64]| {
+            let (low, high) = column.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+            (low > 0.0 && high.is_finite() && high <= 2.0 * low).then_some(high)
+        };
+        job.columns.balanced = job.columns.w[bands * k..]
+            .chunks_exact(k.max(1))
+            .map(spread)
+            .collect::<Option<Vec<f64>>>()
+            .filter(|_| k > 0)
+            .map(|mut highs| {
+                let peak = highs.pop().unwrap_or(0.0);
+                (highs, peak)
+            });
+        job.x = vec![0.0; job.plan.m as usize * job.columns.x_width(bands)];
+        if job.beta != 0.0 {
+            job.c = vec![Vec::new(); job.plan.tile_count() as usize];
+        }
+        FromA { job }
+    }
+}
+
+impl FromA {
+    /// Rows `first..` of A's row panel `i`: `bytes` holds whole rows, little-endian.
+    pub fn rows_of_a(&mut self, i: u32, first: usize, bytes: &[u8]) {
+        match self.job.dtype {
+            Dtype::F32 => self.a_rows::<f32>(i, first, bytes),
+            Dtype::F64 => self.a_rows::<f64>(i, first, bytes),
+        }
+    }
+
+    /// Rows `first..` of C's tile `(i, j)` (nothing to do when beta does not count).
+    pub fn rows_of_c(&mut self, tile: (u32, u32), first: usize, bytes: &[u8]) {
+        match self.job.dtype {
+            Dtype::F32 => self.c_rows::<f32>(tile, first, bytes),
+            Dtype::F64 => self.c_rows::<f64>(tile, first, bytes),
+        }
+    }
+
+    fn a_rows<T: Element>(&mut self, i: u32, first: usize, bytes: &[u8]) {
+        let job = &mut self.job;
+        let (k, bands) = (job.plan.k as usize, job.plan.tiles_j() as usize);
+        if k == 0 {
+            return;
+        }
+        let band = job.plan.rows(i);
+        let width = job.columns.x_width(bands);
+        let values = elements::<T>(bytes);
+        let rows = (values.len() / k).min((band.len()).saturating_sub(first));
+        let values = &values[..rows * k];
+        let start = (band.start as usize + first) * width;
+        let x = &mut job.x[start..start + rows * width];
+        let w = &job.columns.w;
+        if job.columns.balanced.is_some() {
+            times::<T, false>(values, k, &w[..bands * k], x, (width, 0), Some(bands));
+        } else {
+            times::<T, false>(values, k, &w[..bands * k], x, (width, 0), None);
+            times::<T, true>(values, k, &w[bands * k..], x, (width, bands), None);
+        }
+    }
+
+    fn c_rows<T: Element>(&mut self, (i, j): (u32, u32), first: usize, bytes: &[u8]) {
+        let job = &mut self.job;
+        let bands = job.plan.tiles_j() as usize;
+        let Some(stats) = job.c.get_mut(i as usize * bands + j as usize) else {
+            return;
+        };
+        let cols = job.plan.cols(j);
+        let r = &job.r[cols.start as usize..cols.end as usize];
+        debug_assert_eq!(stats.len(), first, "C's rows come in order");
+        row_stats::<T, false>(&elements::<T>(bytes), cols.len(), r, stats);
+    }
+
+    pub fn finish(self) -> JobCheck {
+        self.job
+    }
+}
+
 /// Per row `(Σ x·r, Σ |x|, max |x|)`.
 type Stats = (f64, f64, f64);
 
@@ -421,8 +565,9 @@ fn madd<const FMA: bool>(acc: f64, a: f64, b: f64) -> f64 {
     if FMA { a.mul_add(b, acc) } else { acc + a * b }
 }
 
-/// `out[t] = (Σ x·r, Σ |x|, max |x|)` for every row `x` of `rows` (`width` elements each),
-/// compiled for the widest vector unit this CPU has. `DOT_ONLY`: `Σ x·r` alone, the rest 0.
+/// Appends `(Σ x·r, Σ |x|, max |x|)` of every row `x` of `rows` (`width` elements each)
+/// to `out`, compiled for the widest vector unit this CPU has. `DOT_ONLY`: `Σ x·r` alone,
+/// the rest 0.
 fn row_stats<T: Element, const DOT_ONLY: bool>(
     rows: &[T],
     width: usize,
@@ -454,7 +599,6 @@ unsafe fn row_stats_avx512<T: Element, const DOT_ONLY: bool>(
     out: &mut Vec<Stats>,
 ) {
     use std::arch::x86_64::*;
-    out.clear();
     if width == 0 {
         return;
     }
@@ -544,7 +688,6 @@ fn row_stats_lanes<T: Element, const FMA: bool, const L: usize, const DOT_ONLY: 
     r: &[f64],
     out: &mut Vec<Stats>,
 ) {
-    out.clear();
     if width == 0 {
         return;
     }
@@ -594,23 +737,6 @@ fn fold<const L: usize>(mut lanes: [f64; L], op: impl Fn(f64, f64) -> f64) -> f6
     lanes[0]
 }
 
-/// The per-row stats of a worker's tile (`got`) and of its tile of C (`old`, left empty
-/// without one), both `n` wide.
-fn tile_stats<T: Element>(
-    result: &[u8],
-    c: Option<&[u8]>,
-    n: usize,
-    r: &[f64],
-    got: &mut Vec<Stats>,
-    old: &mut Vec<Stats>,
-) {
-    row_stats::<T, true>(&elements::<T>(result), n, r, got);
-    old.clear();
-    if let Some(c) = c {
-        row_stats::<T, false>(&elements::<T>(c), n, r, old);
-    }
-}
-
 /// `out[t·width + offset + c] = Σ_l f(A_tl)·w[c·k + l]` for every row `t` of `a` (`k`
 /// elements each) and every column `c` of `w`, where `f` is `|·|` when `ABS`; with
 /// `sum_at`, also `out[t·width + sum_at] = Σ_l |A_tl|`.
@@ -655,6 +781,7 @@ fn times_portable<T: Element, const ABS: bool>(
         );
         dots(&x, w, &mut out[t * width + offset..][..columns]);
         if let Some(at) = sum_at {
+            stats.clear();
             row_stats::<T, false>(row, k, &w[..k], &mut stats);
             out[t * width + at] = stats[0].1;
         }
@@ -1125,36 +1252,42 @@ mod tests {
             case.beta = 0.0;
             case.result = bytes(&out);
             let plan = TilePlan::new(m as u32, n as u32, k as u32, m as u32, n as u32);
-            let check = JobCheck::new(
+            let check = JobCheck::from_panels(
                 dtype,
                 case.alpha,
                 0.0,
                 plan,
-                vec![Bytes::from(case.a.clone())],
-                vec![Bytes::from(case.b.clone())],
+                Panels {
+                    a: &[&case.a],
+                    b: &[&case.b],
+                    c: None,
+                },
                 &mut rng,
             );
-            assert!(check.w().balanced.is_none());
-            assert_eq!(check.check((0, 0), None, &case.result), Ok(()), "{dtype}");
+            assert!(check.columns.balanced.is_none());
+            assert_eq!(check.check((0, 0), &case.result), Ok(()), "{dtype}");
             case.corrupt(7, 9, if dtype == Dtype::F32 { 0.1 } else { 1e-6 });
             let err = check
-                .check((0, 0), None, &case.result)
+                .check((0, 0), &case.result)
                 .expect_err("a wrong element");
             assert_eq!(err.row, 7, "{err}");
         }
         // Random rows are balanced: the shortcut is what most jobs take.
         let case = Case::new(Dtype::F32, (8, 256, 512), 1, false);
         let plan = TilePlan::new(8, 256, 512, 8, 256);
-        let check = JobCheck::new(
+        let check = JobCheck::from_panels(
             Dtype::F32,
             1.0,
             0.0,
             plan,
-            vec![Bytes::from(case.a.clone())],
-            vec![Bytes::from(case.b.clone())],
+            Panels {
+                a: &[&case.a],
+                b: &[&case.b],
+                c: None,
+            },
             &mut rng,
         );
-        assert!(check.w().balanced.is_some());
+        assert!(check.columns.balanced.is_some());
     }
 
     /// The vectorised passes against plain sums, for every remainder of their blocking
@@ -1309,14 +1442,6 @@ mod tests {
                 // wide (13 bands, the last one 1 wide).
                 let plan = TilePlan::new(m as u32, n as u32, k as u32, 5, edge);
                 let size = dtype.size();
-                let a_panels = (0..plan.tiles_i())
-                    .map(|i| {
-                        let rows = plan.rows(i);
-                        Bytes::copy_from_slice(
-                            &case.a[rows.start as usize * k * size..rows.end as usize * k * size],
-                        )
-                    })
-                    .collect();
                 let block = |bytes: &[u8],
                              rows: std::ops::Range<u32>,
                              cols: std::ops::Range<u32>,
@@ -1328,25 +1453,53 @@ mod tests {
                     }
                     out
                 };
-                let b_panels = (0..plan.tiles_j())
-                    .map(|j| Bytes::from(block(&case.b, 0..k as u32, plan.cols(j), n)))
-                    .collect();
-                let check = JobCheck::new(
-                    dtype, case.alpha, case.beta, plan, a_panels, b_panels, &mut rng,
-                );
-                assert_eq!(check.w().balanced.is_some(), balanced, "{dtype}");
+                // Built as the grid builds it, fed while hashing: B's panels a piece at a
+                // time, then A's a row at a time, then C's tiles.
+                let beta = if case.c.is_some() { case.beta } else { 0.0 };
+                let mut from_b = JobCheck::begin(dtype, case.alpha, beta, plan, &mut rng);
+                for j in 0..plan.tiles_j() {
+                    let panel = block(&case.b, 0..k as u32, plan.cols(j), n);
+                    let mut hasher = blake3::Hasher::new();
+                    let row_bytes = plan.cols(j).len() * size;
+                    let mut pieces = 0;
+                    hash_rows_by(4096, &mut hasher, &panel, row_bytes, |first, rows| {
+                        pieces += 1;
+                        from_b.rows_of_b(j, first, rows);
+                    });
+                    assert_eq!(hasher.finalize(), blake3::hash(&panel));
+                    assert!(edge == 8 || pieces > 1, "{pieces} pieces");
+                }
+                let mut from_a = from_b.then_a();
+                for i in 0..plan.tiles_i() {
+                    for (t, row) in plan.rows(i).enumerate() {
+                        let start = row as usize * k * size;
+                        from_a.rows_of_a(i, t, &case.a[start..start + k * size]);
+                    }
+                }
+                if let Some(c) = &case.c {
+                    for (i, j) in plan.tiles() {
+                        let tile = block(c, plan.rows(i), plan.cols(j), n);
+                        let row_bytes = plan.cols(j).len() * size;
+                        hash_rows(
+                            &mut blake3::Hasher::new(),
+                            &tile,
+                            row_bytes,
+                            |first, rows| from_a.rows_of_c((i, j), first, rows),
+                        );
+                    }
+                }
+                let check = from_a.finish();
+                assert_eq!(check.columns.balanced.is_some(), balanced, "{dtype}");
                 for (i, j) in plan.tiles() {
                     let (rows, cols) = (plan.rows(i), plan.cols(j));
-                    let c = case
-                        .c
-                        .as_ref()
-                        .map(|c| block(c, rows.clone(), cols.clone(), n));
                     let tile = block(&case.result, rows.clone(), cols.clone(), n);
+                    let sum = tabgrid_shared::protocol::checksum(&tile);
                     assert_eq!(
-                        check.check((i, j), c.as_deref(), &tile),
-                        Ok(()),
+                        check.check_hashed((i, j), &tile, sum),
+                        (true, Some(Ok(()))),
                         "{dtype} tile ({i}, {j})"
                     );
+                    assert_eq!(check.check_hashed((i, j), &tile, sum ^ 1), (false, None));
                     let (row, col) = (
                         (i + j) as usize % rows.len(),
                         (i * 3 + j) as usize % cols.len(),
@@ -1359,10 +1512,13 @@ mod tests {
                     };
                     wrong.corrupt(row, col, if dtype == Dtype::F32 { 0.1 } else { 1e-6 });
                     let tile = wrong.result;
-                    let err = check
-                        .check((i, j), c.as_deref(), &tile)
-                        .expect_err("a wrong element");
+                    let err = check.check((i, j), &tile).expect_err("a wrong element");
                     assert_eq!(err.row, row, "{dtype} tile ({i}, {j}): {err}");
+                    let sum = tabgrid_shared::protocol::checksum(&tile);
+                    assert_eq!(
+                        check.check_hashed((i, j), &tile, sum),
+                        (true, Some(Err(err)))
+                    );
                 }
             }
         }

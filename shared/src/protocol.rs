@@ -34,11 +34,23 @@ pub struct OperandKey(pub [u8; 16]);
 impl OperandKey {
     /// The key of a row-major `rows x cols` panel.
     pub fn of(dtype: Dtype, rows: u32, cols: u32, bytes: &[u8]) -> OperandKey {
+        let mut hasher = OperandKey::hasher(dtype, rows, cols);
+        hasher.update(bytes);
+        OperandKey::from_hasher(&hasher)
+    }
+
+    /// A hasher that gives [`OperandKey::of`] once fed the operand's bytes (in pieces, so
+    /// that a caller can work on each piece while it is in cache).
+    pub fn hasher(dtype: Dtype, rows: u32, cols: u32) -> blake3::Hasher {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&[dtype as u8]);
         hasher.update(&rows.to_le_bytes());
         hasher.update(&cols.to_le_bytes());
-        hasher.update(bytes);
+        hasher
+    }
+
+    /// The key of what [`OperandKey::hasher`]'s hasher was fed.
+    pub fn from_hasher(hasher: &blake3::Hasher) -> OperandKey {
         let mut key = [0; 16];
         key.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
         OperandKey(key)
@@ -57,7 +69,12 @@ impl fmt::Debug for OperandKey {
 /// Checksum carried by every result payload, so corruption in transit is told apart from
 /// a wrong computation.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    let hash = blake3::hash(bytes);
+    checksum_of(blake3::Hasher::new().update(bytes))
+}
+
+/// [`checksum`] of what `hasher` was fed.
+pub fn checksum_of(hasher: &blake3::Hasher) -> u64 {
+    let hash = hasher.finalize();
     let mut first = [0; 8];
     first.copy_from_slice(&hash.as_bytes()[..8]);
     u64::from_le_bytes(first)
