@@ -317,15 +317,30 @@ impl JobCheck {
         result: &[u8],
         checksum: u64,
     ) -> (bool, Option<Result<(), Mismatch>>) {
+        self.check_hashed_by(CHUNK_BYTES, tile, result, checksum)
+    }
+
+    /// [`JobCheck::check_hashed`], hashing pieces of about `piece_bytes`.
+    fn check_hashed_by(
+        &self,
+        piece_bytes: usize,
+        tile: (u32, u32),
+        result: &[u8],
+        checksum: u64,
+    ) -> (bool, Option<Result<(), Mismatch>>) {
         let row_bytes = self.plan.cols(tile.1).len() * self.dtype.size();
         let mut hasher = blake3::Hasher::new();
         let mut got = Vec::new();
-        hash_rows(&mut hasher, result, row_bytes, |_, piece| {
-            match self.dtype {
+        hash_rows_by(
+            piece_bytes,
+            &mut hasher,
+            result,
+            row_bytes,
+            |_, piece| match self.dtype {
                 Dtype::F32 => self.got::<f32>(tile, piece, &mut got),
                 Dtype::F64 => self.got::<f64>(tile, piece, &mut got),
-            }
-        });
+            },
+        );
         if tabgrid_shared::protocol::checksum_of(&hasher) != checksum {
             return (false, None);
         }
@@ -1515,6 +1530,11 @@ mod tests {
                     let err = check.check((i, j), &tile).expect_err("a wrong element");
                     assert_eq!(err.row, row, "{dtype} tile ({i}, {j}): {err}");
                     let sum = tabgrid_shared::protocol::checksum(&tile);
+                    // Hashed whole, and a row at a time.
+                    assert_eq!(
+                        check.check_hashed_by(1, (i, j), &tile, sum),
+                        (true, Some(Err(err.clone())))
+                    );
                     assert_eq!(
                         check.check_hashed((i, j), &tile, sum),
                         (true, Some(Err(err)))
