@@ -10,22 +10,29 @@
 //! tile, but with a tile edge of 256 those passes over `A_i` and `B_j` are a few percent of
 //! the tile's arithmetic, at a fraction of the kernel's speed: measured, as much as the
 //! compute itself for f32. So a job's check ([`JobCheck`]) draws one `r` over all the
-//! result's columns and shares the work between tiles: once per job, a pass over `B`
-//! gives, for every row `l` of `B` and column band `j`, `(B_j·r_j)_l`, `Σ|B_lc|` over the
-//! band, and `max |B_lc|` over the row (the `W` matrix, `k × (2J+1)`); once per row band
-//! `i`, `X_i = A_i·W` (with `|A_i|` for the bound columns) gives every tile of that band its
-//! expected `A_i·B_j·r_j` and its bounds. A tile's own check is then one pass over its
-//! result (and its C): `O(m·n)`. Where B's rows carry similar weight (each bound column
-//! within a factor of two), the bound columns of `X` are replaced by `Σ_l |A_il|` times
-//! the column's largest entry: an upper bound at most twice the exact one, for J + 1
-//! fewer products per row of A. `cargo xtask bench verify` measures the whole as a share
-//! of the job's compute.
+//! result's columns and shares the work between tiles: a pass over `B` gives, for every
+//! row `l` of `B` and column band `j`, `(B_j·r_j)_l`, `Σ|B_lc|` over the band, and
+//! `max |B_lc|` over the row (the `W` matrix, `k × (2J+1)`); a pass over `A` gives, per row
+//! band `i`, `X_i = A_i·W` (with `|A_i|` for the bound columns): every tile of that band's
+//! expected `A_i·B_j·r_j` and its bounds; a pass over C gives each of its tiles' `C_ij·r_j`.
+//! A tile's own check is then one pass over its result: `O(m·n)`. Where B's rows carry
+//! similar weight (each bound column within a factor of two), the bound columns of `X` are
+//! replaced by `Σ_l |A_il|` times the column's largest entry: an upper bound at most twice
+//! the exact one, for J + 1 fewer products per row of A.
+//!
+//! The coordinator reads every one of those bytes anyway: it hashes each operand panel
+//! for its content key when the job is cut, and each result for its checksum when it
+//! arrives. So the check rides along ([`hash_rows`]): the job's `JobCheck` is built
+//! ([`JobCheck::begin`], B's panels first) from each piece of rows right after it is
+//! hashed, while the piece is in cache, and a result is checked as it is hashed
+//! ([`JobCheck::check_hashed`]); what the check adds is its arithmetic, not trips to
+//! memory. `cargo xtask bench verify` measures it as a share of the job's compute.
 //!
 //! Each pass reads the job's bytes in place (f32 or f64, widened to f64 in registers, never
-//! copied) and is written for the memory it streams: on x86_64 with AVX-512F, `A_i·W`
-//! takes four rows of A against up to six columns of W in 512-bit registers, and the row
-//! passes keep four vectors per sum, so no chain of dependent adds holds them up; AVX2 and
-//! other targets take the portable loops, which the compiler vectorises.
+//! copied): on x86_64 with AVX-512F, `A_i·W` takes four rows of A against up to six
+//! columns of W in 512-bit registers, and the row passes keep four vectors per sum, so no
+//! chain of dependent adds holds them up; AVX2 and other targets take the portable loops,
+//! which the compiler vectorises.
 //!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
 //! larger than twice the tolerance is always found, and errors that cancel for one draw
