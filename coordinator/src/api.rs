@@ -194,8 +194,8 @@ async fn read_multipart(
     mut multipart: Multipart,
 ) -> Result<(JobSpec, Matrix, Matrix, Option<Matrix>), ApiError> {
     let mut spec_bytes = None;
-    let mut parts: [Option<Bytes>; 3] = [None, None, None];
-    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+    let mut parts: [Option<npy::Streaming>; 3] = [None, None, None];
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or("").to_owned();
         let slot = match name.as_str() {
             "spec" => None,
@@ -208,10 +208,16 @@ async fn read_multipart(
                 )));
             }
         };
-        let bytes = field.bytes().await.map_err(multipart_error)?;
         match slot {
-            None => spec_bytes = Some(bytes),
-            Some(i) => parts[i] = Some(bytes),
+            None => spec_bytes = Some(field.bytes().await.map_err(multipart_error)?),
+            Some(i) => {
+                // Read as it arrives: the data goes straight into the matrix's buffer.
+                let mut part = npy::Streaming::default();
+                while let Some(piece) = field.chunk().await.map_err(multipart_error)? {
+                    part.push(&piece);
+                }
+                parts[i] = Some(part);
+            }
         }
     }
     let spec_bytes = spec_bytes.ok_or_else(|| ApiError::bad_request("part `spec` is missing"))?;
@@ -223,10 +229,12 @@ async fn read_multipart(
     }
     let dtype = Dtype::parse(&spec.dtype).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let [a, b, c] = parts;
-    let read = |name: &str, bytes: Option<Bytes>| -> Result<Option<Matrix>, ApiError> {
-        bytes
-            .map(|b| npy::read(name, &b, dtype).map_err(|e| ApiError::bad_request(e.to_string())))
-            .transpose()
+    let read = |name: &str, part: Option<npy::Streaming>| -> Result<Option<Matrix>, ApiError> {
+        part.map(|p| {
+            p.finish(name, dtype)
+                .map_err(|e| ApiError::bad_request(e.to_string()))
+        })
+        .transpose()
     };
     let a = read("a", a)?.ok_or_else(|| ApiError::bad_request("part `a` is missing"))?;
     let b = read("b", b)?.ok_or_else(|| ApiError::bad_request("part `b` is missing"))?;

@@ -124,6 +124,41 @@ async fn bad_input_gets_400_naming_the_part() {
     assert_eq!(status, 400);
     assert!(detail(&reply).starts_with("part `b`:"), "{reply}");
 
+    // A header claiming a matrix of 2^50 elements over 16 bytes of data: refused, and
+    // nothing allocated for it (this used to abort the coordinator).
+    let mut huge = good_a.clone();
+    let find = |file: &[u8], what: &[u8]| file.windows(what.len()).position(|w| w == what);
+    let shape = find(&huge, b"(2, 3)").unwrap();
+    let claim = b"(1073741824, 1048576)";
+    huge.splice(shape..shape + 6, claim.iter().copied());
+    let end = huge.iter().position(|&b| b == b'\n').unwrap();
+    huge.drain(end - (claim.len() - 6)..end);
+    let (status, reply) =
+        multipart(&c, &t, spec.clone(), vec![("a", huge), ("b", b.clone())]).await;
+    assert_eq!(status, 400);
+    assert!(
+        detail(&reply).starts_with("part `a`:") && detail(&reply).contains("short of its shape"),
+        "{reply}"
+    );
+
+    // Big-endian data (as `numpy.dtype('>f4')` writes it) is read, byte-swapped.
+    let big_endian = {
+        let mut file = good_a.clone();
+        let descr = find(&file, b"'<f4'").unwrap();
+        file[descr + 1] = b'>';
+        let data = file.len() - 6 * 4;
+        file[data..].chunks_exact_mut(4).for_each(|v| v.reverse());
+        file
+    };
+    let (status, reply) = multipart(
+        &c,
+        &t,
+        spec.clone(),
+        vec![("a", big_endian), ("b", b.clone())],
+    )
+    .await;
+    assert_eq!(status, 201, "{reply}");
+
     let (status, reply) = multipart(&c, &t, spec.clone(), vec![("a", good_a.clone())]).await;
     assert_eq!(status, 400);
     assert!(detail(&reply).contains("part `b` is missing"), "{reply}");
