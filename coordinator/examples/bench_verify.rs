@@ -108,13 +108,7 @@ fn cut(dtype: Dtype, plan: TilePlan, a: &Matrix, b: &Matrix, c: &Matrix) -> Cut 
         tiles: plan
             .tiles()
             .map(|(i, j)| {
-                let (rows, cols) = (plan.rows(i), plan.cols(j));
-                let block = c.block(
-                    rows.start as usize,
-                    cols.start as usize,
-                    rows.len(),
-                    cols.len(),
-                );
+                let block = c.tile(&plan, (i, j));
                 let sum = tabgrid_shared::protocol::checksum(&block);
                 ((i, j), block, sum)
             })

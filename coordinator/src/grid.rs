@@ -186,12 +186,7 @@ impl PreparedJob {
             plan.tiles()
                 .map(|(i, j)| {
                     let (rows, cols) = (plan.rows(i), plan.cols(j));
-                    let block = c.block(
-                        rows.start as usize,
-                        cols.start as usize,
-                        rows.len(),
-                        cols.len(),
-                    );
+                    let block = c.tile(&plan, (i, j));
                     operand(
                         dtype,
                         (rows.len(), cols.len()),

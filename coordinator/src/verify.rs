@@ -1119,47 +1119,28 @@ mod tests {
 
         /// The same case with its result computed again (after a change to A or B).
         fn recomputed(mut self) -> Case {
-            let (m, n, k) = (self.m, self.n, self.k);
-            match self.dtype {
-                Dtype::F32 => {
-                    let (a, b) = (
-                        tabgrid_shared::matrix::f32s(&self.a),
-                        tabgrid_shared::matrix::f32s(&self.b),
-                    );
-                    let mut out = self
-                        .c
-                        .as_deref()
-                        .map_or(vec![0.0; m * n], tabgrid_shared::matrix::f32s);
-                    gemm::<f32>(
-                        self.alpha as f32,
-                        MatRef::row_major(&a, m, k).unwrap(),
-                        MatRef::row_major(&b, k, n).unwrap(),
-                        self.beta as f32,
-                        MatMut::row_major(&mut out, m, n).unwrap(),
-                    )
-                    .unwrap();
-                    self.result = f32_bytes(&out);
-                }
-                Dtype::F64 => {
-                    let (a, b) = (
-                        tabgrid_shared::matrix::f64s(&self.a),
-                        tabgrid_shared::matrix::f64s(&self.b),
-                    );
-                    let mut out = self
-                        .c
-                        .as_deref()
-                        .map_or(vec![0.0; m * n], tabgrid_shared::matrix::f64s);
-                    gemm::<f64>(
-                        self.alpha,
-                        MatRef::row_major(&a, m, k).unwrap(),
-                        MatRef::row_major(&b, k, n).unwrap(),
-                        self.beta,
-                        MatMut::row_major(&mut out, m, n).unwrap(),
-                    )
-                    .unwrap();
-                    self.result = f64_bytes(&out);
-                }
+            fn product<T>(case: &Case, alpha: T, beta: T) -> Vec<u8>
+            where
+                T: tabgrid_shared::kernels::Element + bytemuck::Pod,
+            {
+                let (m, n, k) = (case.m, case.n, case.k);
+                let values = |bytes: &[u8]| bytemuck::pod_collect_to_vec::<u8, T>(bytes);
+                let (a, b) = (values(&case.a), values(&case.b));
+                let mut out = case.c.as_deref().map_or(vec![T::ZERO; m * n], values);
+                gemm::<T>(
+                    alpha,
+                    MatRef::row_major(&a, m, k).unwrap(),
+                    MatRef::row_major(&b, k, n).unwrap(),
+                    beta,
+                    MatMut::row_major(&mut out, m, n).unwrap(),
+                )
+                .unwrap();
+                bytemuck::cast_slice(&out).to_vec()
             }
+            self.result = match self.dtype {
+                Dtype::F32 => product(&self, self.alpha as f32, self.beta as f32),
+                Dtype::F64 => product(&self, self.alpha, self.beta),
+            };
             self
         }
 

@@ -145,6 +145,17 @@ impl Matrix {
         self.cols * self.dtype.size()
     }
 
+    /// Tile `(i, j)` of `plan`, row-major (see [`Matrix::block`]).
+    pub fn tile(&self, plan: &crate::tiling::TilePlan, (i, j): (u32, u32)) -> Vec<u8> {
+        let (rows, cols) = (plan.rows(i), plan.cols(j));
+        self.block(
+            rows.start as usize,
+            cols.start as usize,
+            rows.len(),
+            cols.len(),
+        )
+    }
+
     /// Copies the block `rows x cols` starting at `(r0, c0)` into a new row-major buffer.
     ///
     /// # Panics

@@ -440,14 +440,7 @@ impl SqliteStore {
         let mut stale = Vec::new();
         for (ti, tj, sum) in tiles {
             let valid = ti < plan.tiles_i() && tj < plan.tiles_j() && {
-                let (rows, cols) = (plan.rows(ti), plan.cols(tj));
-                let block = partial.block(
-                    rows.start as usize,
-                    cols.start as usize,
-                    rows.len(),
-                    cols.len(),
-                );
-                hash(&block) == sum
+                hash(&partial.tile(&plan, (ti, tj))) == sum
             };
             if valid {
                 done.push((ti, tj));
