@@ -9,7 +9,7 @@
 //! pass) is shown beside it. Replication, the usual alternative, would cost one extra
 //! copy of the compute: 100 %.
 //!
-//! Options: `--sizes 1024,2048,4096`, `--reps R` (3; medians).
+//! Options: `--sizes 1024,2048,4096`, `--dtypes f32,f64`, `--reps R` (3; medians).
 
 use std::time::Instant;
 
@@ -195,14 +195,17 @@ fn main() {
         .split(',')
         .map(|s| s.trim().parse().expect("--sizes takes numbers"))
         .collect();
+    let dtypes = arg("--dtypes").unwrap_or_else(|| "f32,f64".into());
+    let dtypes: Vec<&str> = dtypes.split(',').map(str::trim).collect();
     let reps: usize = arg("--reps").and_then(|r| r.parse().ok()).unwrap_or(3);
     println!(
-        "command: cargo xtask bench verify --sizes {} --reps {reps}",
+        "command: cargo xtask bench verify --sizes {} --dtypes {} --reps {reps}",
         sizes
             .iter()
             .map(usize::to_string)
             .collect::<Vec<_>>()
-            .join(",")
+            .join(","),
+        dtypes.join(",")
     );
     println!(
         "\n| n | dtype | tiles | compute, 1 thread (s) | hashing alone (s) | hashing + check (s) | **overhead** | check alone, unshared (s) | its overhead | replication |"
@@ -210,6 +213,9 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         for dtype in [Dtype::F32, Dtype::F64] {
+            if !dtypes.contains(&dtype.name()) {
+                continue;
+            }
             let values = |seed| {
                 let v = random(n * n, seed);
                 match dtype {

@@ -13,7 +13,7 @@
 //! result's columns and shares the work between tiles: a pass over `B` gives, for every
 //! row `l` of `B` and column band `j`, `(B_j·r_j)_l`, `Σ|B_lc|` over the band, and
 //! `max |B_lc|` over the row (the `W` matrix, `k × (2J+1)`); a pass over `A` gives, per row
-//! band `i`, `X_i = A_i·W` (with `|A_i|` for the bound columns): every tile of that band's
+//! band `i`, `X_i = A_i·W` and `Σ_l |A_il|` (with `|A_i|` for the bound columns): every tile of that band's
 //! expected `A_i·B_j·r_j` and its bounds; a pass over C gives each of its tiles' `C_ij·r_j`.
 //! A tile's own check is then one pass over its result: `O(m·n)`. Where B's rows carry
 //! similar weight (each bound column within a factor of two), the bound columns of `X` are
@@ -28,11 +28,12 @@
 //! ([`JobCheck::check_hashed`]); what the check adds is its arithmetic, not trips to
 //! memory. `cargo xtask bench verify` measures it as a share of the job's compute.
 //!
-//! Each pass reads the job's bytes in place (f32 or f64, widened to f64 in registers, never
-//! copied): on x86_64 with AVX-512F, `A_i·W` takes four rows of A against up to six
-//! columns of W in 512-bit registers, and the row passes keep four vectors per sum, so no
-//! chain of dependent adds holds them up; AVX2 and other targets take the portable loops,
-//! which the compiler vectorises.
+//! Each pass reads the job's bytes in place (never copied): on x86_64 with AVX-512F,
+//! `A_i·W` takes four rows of A against up to six columns of W in 512-bit registers, and
+//! the row passes keep four vectors per sum, so no chain of dependent adds holds them up;
+//! f64 jobs are summed in f64, f32 jobs in f32 (16 lanes a vector, no conversions; see
+//! "f32 passes"). AVX2 and other targets take the portable loops, which the compiler
+//! vectorises, widening f32 to f64.
 //!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
 //! larger than twice the tolerance is always found, and errors that cancel for one draw
@@ -69,6 +70,32 @@
 //! Rows whose inputs hold Inf or NaN (so `S_i` is not finite) are not checked: their exact
 //! result is itself Inf or NaN. A non-finite `T·r` in a row with finite inputs fails,
 //! unless the row's magnitude is near the dtype's overflow threshold.
+//!
+//! # f32 passes
+//!
+//! An f32 job's passes run in f32 arithmetic where the CPU has AVX-512F: the products of
+//! f32 elements with `r` (drawn exactly representable in f32) and with `W` rounded to f32,
+//! summed in f32 lanes, each lane's sum widened into an f64 total after at most 64 terms
+//! (then the lanes are added in f64). Half the bytes per vector of the f64 passes and no
+//! conversions. What that costs in accuracy is bounded and added to the tolerance: a sum
+//! whose lanes run `c` terms in f32 errs by at most `γ_c = c·2⁻²⁴/(1 − c·2⁻²⁴)` of the sum
+//! of its terms' magnitudes, and every such sum is bounded by the row's `S_i` (with
+//! `|r| ≤ 1`): `W` (chains of `c_n`, `n` the tile width), its rounding to f32 (one `2⁻²⁴`),
+//! `A_i·W` (chains of `c_k`), `T·r` and `C·r` (`c_n` each). With `c_n = ⌈n/64⌉ + 2` (four
+//! vectors folded at the end) and `c_k = ⌈k/16⌉`, each capped at 64 + 2 and 64, the check
+//! adds `1.01·(3·c_n + c_k + 1)·2⁻²⁴·S_i` to the tolerance and inflates `S_i` and `M_i`
+//! by the same factor (their own sums were f32). For an f32 tile 256 wide and k = 1024
+//! that is at most 7 % of the tolerance (where `M_i` is as small as it can be, `S_i/n`),
+//! less with larger k. A row whose f32 sums overflow (magnitudes near 10³⁸, where f64 would
+//! not) is done again in f64.
+//!
+//! # Underflow
+//!
+//! The bounds above are relative; below a dtype's normal range every rounding errs by up
+//! to half its smallest subnormal `η` whatever the magnitudes, in the worker's kernel as in
+//! the check. The tolerance adds `η·n·(k + 2)·(1 + |alpha| + |beta|)` for the worker's
+//! roundings and, with f32 passes, `η·((k + 2n)·(1 + |alpha| + |beta|) + (n + 1)·|alpha|·Σ_l
+//! |A_il|)` for the check's: nothing for data of ordinary magnitudes.
 
 use std::borrow::Cow;
 
@@ -113,6 +140,16 @@ impl std::fmt::Display for Mismatch {
 
 /// Checks one tile on its own (a job of one tile).
 pub fn check(tile: &Tile<'_>, result: &[u8], rng: &mut impl rand::Rng) -> Result<(), Mismatch> {
+    check_on(tile, result, rng, narrow_path(tile.dtype))
+}
+
+/// [`check`], with the f32 passes or not.
+fn check_on(
+    tile: &Tile<'_>,
+    result: &[u8],
+    rng: &mut impl rand::Rng,
+    narrow: bool,
+) -> Result<(), Mismatch> {
     let plan = TilePlan::new(
         tile.m as u32,
         tile.n as u32,
@@ -121,7 +158,7 @@ pub fn check(tile: &Tile<'_>, result: &[u8], rng: &mut impl rand::Rng) -> Result
         tile.n.max(1) as u32,
     );
     let c = tile.c.filter(|_| tile.beta != 0.0).map(|c| vec![c]);
-    let job = JobCheck::from_panels(
+    let job = JobCheck::from_panels_on(
         tile.dtype,
         tile.alpha,
         tile.beta,
@@ -132,6 +169,7 @@ pub fn check(tile: &Tile<'_>, result: &[u8], rng: &mut impl rand::Rng) -> Result
             c: c.as_deref(),
         },
         rng,
+        narrow,
     );
     job.check((0, 0), result)
 }
@@ -190,8 +228,12 @@ pub struct JobCheck {
     alpha: f64,
     beta: f64,
     plan: TilePlan,
-    /// One entry per result column.
+    /// One entry per result column, each exactly an f32.
     r: Vec<f64>,
+    /// Whether this f32 job's passes run in f32 arithmetic (see "f32 passes" in the
+    /// module docs); `r32` is then `r` as f32s, else empty.
+    narrow: bool,
+    r32: Vec<f32>,
     /// What every row band's check needs of B.
     columns: Columns,
     /// `m × width`, every row band's `A_i·W` in turn, with `|A_i|` for the bound columns.
@@ -205,6 +247,8 @@ pub struct JobCheck {
 #[derive(Debug)]
 struct Columns {
     w: Vec<f64>,
+    /// `w` rounded to f32, for the f32 passes (else empty).
+    w32: Vec<f32>,
     /// Where the rows of B carry similar weight (each bound column's largest entry within
     /// twice its smallest): per band `max_l Σ_c |B_lc|`, and `max_l max_c |B_lc|`. The
     /// bounds then come from `Σ_l |A_il|` alone (`S_i ≤ |alpha|·Σ_l |A_il|·max_l Σ_c |B_lc|`,
@@ -213,12 +257,13 @@ struct Columns {
 }
 
 impl Columns {
-    /// Columns of `X` per row: the J signed ones, then one (`Σ|A_il|`) or J + 1 bounds.
+    /// Columns of `X` per row: the J signed ones, `Σ_l |A_il|`, then (rows of B not
+    /// balanced) the J + 1 bound columns.
     fn x_width(&self, bands: usize) -> usize {
         if self.balanced.is_some() {
             bands + 1
         } else {
-            2 * bands + 1
+            2 * bands + 2
         }
     }
 }
@@ -246,9 +291,24 @@ impl JobCheck {
         plan: TilePlan,
         rng: &mut impl rand::Rng,
     ) -> FromB {
-        let r = (0..plan.n)
+        JobCheck::begin_on(dtype, alpha, beta, plan, rng, narrow_path(dtype))
+    }
+
+    /// [`JobCheck::begin`], with the f32 passes or not (`narrow`, for f32 jobs on CPUs
+    /// with AVX-512F).
+    fn begin_on(
+        dtype: Dtype,
+        alpha: f64,
+        beta: f64,
+        plan: TilePlan,
+        rng: &mut impl rand::Rng,
+        narrow: bool,
+    ) -> FromB {
+        let narrow = narrow && dtype == Dtype::F32 && narrow_path(dtype);
+        let r: Vec<f64> = (0..plan.n)
             .map(|_| {
-                let magnitude = 0.5 + 0.5 * rng.random::<f64>();
+                // Exactly an f32, so that the f32 passes use `r` itself.
+                let magnitude = f64::from((0.5 + 0.5 * rng.random::<f64>()) as f32);
                 if rng.random::<bool>() {
                     magnitude
                 } else {
@@ -256,6 +316,11 @@ impl JobCheck {
                 }
             })
             .collect();
+        let r32 = if narrow {
+            r.iter().map(|&v| v as f32).collect()
+        } else {
+            Vec::new()
+        };
         let (k, bands) = (plan.k as usize, plan.tiles_j() as usize);
         FromB {
             job: JobCheck {
@@ -264,8 +329,11 @@ impl JobCheck {
                 beta,
                 plan,
                 r,
+                narrow,
+                r32,
                 columns: Columns {
                     w: vec![0.0; k * (2 * bands + 1)],
+                    w32: Vec::new(),
                     balanced: None,
                 },
                 x: Vec::new(),
@@ -281,11 +349,24 @@ impl JobCheck {
         alpha: f64,
         beta: f64,
         plan: TilePlan,
-        Panels { a, b, c }: Panels<'_>,
+        panels: Panels<'_>,
         rng: &mut impl rand::Rng,
     ) -> JobCheck {
+        JobCheck::from_panels_on(dtype, alpha, beta, plan, panels, rng, narrow_path(dtype))
+    }
+
+    /// [`JobCheck::from_panels`], with the f32 passes or not.
+    fn from_panels_on(
+        dtype: Dtype,
+        alpha: f64,
+        beta: f64,
+        plan: TilePlan,
+        Panels { a, b, c }: Panels<'_>,
+        rng: &mut impl rand::Rng,
+        narrow: bool,
+    ) -> JobCheck {
         let beta = if c.is_some() { beta } else { 0.0 };
-        let mut check = JobCheck::begin(dtype, alpha, beta, plan, rng);
+        let mut check = JobCheck::begin_on(dtype, alpha, beta, plan, rng, narrow);
         for (j, panel) in b.iter().enumerate() {
             check.rows_of_b(j as u32, 0, panel);
         }
@@ -357,8 +438,17 @@ impl JobCheck {
     /// Appends `(T·r)` of every whole row in `rows`, a piece of tile `(i, j)`.
     fn got<T: Element>(&self, (_, j): (u32, u32), rows: &[u8], got: &mut Vec<Stats>) {
         let cols = self.plan.cols(j);
-        let r = &self.r[cols.start as usize..cols.end as usize];
-        row_stats::<T, true>(&elements::<T>(rows), cols.len(), r, got);
+        let (r, r32) = self.r_of(cols.clone());
+        row_stats::<T, true>(&elements::<T>(rows), cols.len(), r, r32, got);
+    }
+
+    /// `r` over `cols`, and as f32s when the passes are narrow.
+    fn r_of(&self, cols: std::ops::Range<u32>) -> (&[f64], Option<&[f32]>) {
+        let range = cols.start as usize..cols.end as usize;
+        (
+            &self.r[range.clone()],
+            self.narrow.then(|| &self.r32[range]),
+        )
     }
 
     /// The verdict on tile `(i, j)` from its rows' `(T·r)`.
@@ -378,29 +468,51 @@ impl JobCheck {
             Dtype::F64 => f64::MAX,
         };
         let gamma = 2.0 * (k + 2) as f64 * unit;
-        let own = 2.0 * (k + n + 2) as f64 * (f64::EPSILON / 2.0);
+        let mut own = 2.0 * (k + n + 2) as f64 * (f64::EPSILON / 2.0);
+        // The smallest subnormal of the dtype: every rounding below its normal range
+        // errs by up to half of it, whatever the magnitudes (see "Underflow").
+        let tiny = match self.dtype {
+            Dtype::F32 => 2f64.powi(-149),
+            Dtype::F64 => f64::from_bits(1),
+        };
+        let (alpha, beta) = (self.alpha.abs(), self.beta.abs());
+        let mut slack_per_sum_a = 0.0;
+        let mut slack = tiny * (n * (k + 2)) as f64 * (1.0 + alpha + beta) + f64::MIN_POSITIVE;
+        // The f32 passes' own rounding (see "f32 passes"), on top of the f64 one.
+        let mut inflate = 1.0;
+        if self.narrow {
+            let (c_n, c_k) = (narrow_chain(n, 64) + 2, narrow_chain(k, 16));
+            let narrow = 1.01 * (3 * c_n + c_k + 1) as f64 * unit;
+            own += narrow;
+            inflate += narrow;
+            slack_per_sum_a = tiny * (n + 1) as f64 * alpha;
+            slack += tiny * (k + 2 * n) as f64 * (1.0 + alpha + beta);
+        }
         let old = self
             .c
             .get(i as usize * bands + j as usize)
             .map_or(&[][..], Vec::as_slice);
         for (t, xs) in x.chunks_exact(width).enumerate().take(m.min(got.len())) {
             let mut want = self.alpha * xs[j as usize];
+            let sum_a = xs[bands];
             let (scale_ab, peak_ab) = match &columns.balanced {
-                Some((sums, peak)) => (xs[bands] * sums[j as usize], xs[bands] * peak),
-                None => (xs[bands + j as usize], xs[2 * bands]),
+                Some((sums, peak)) => (sum_a * sums[j as usize], sum_a * peak),
+                None => (xs[bands + 1 + j as usize], xs[2 * bands + 1]),
             };
-            let mut scale = self.alpha.abs() * scale_ab;
-            let mut peak = self.alpha.abs() * peak_ab;
+            let mut scale = alpha * scale_ab;
+            let mut peak = alpha * peak_ab;
             if let Some(&(dot, sum, max)) = old.get(t) {
                 want += self.beta * dot;
-                scale += self.beta.abs() * sum;
-                peak += self.beta.abs() * max;
+                scale += beta * sum;
+                peak += beta * max;
             }
+            let (scale, peak) = (scale * inflate, peak * inflate);
             let got = got[t].0;
             if !scale.is_finite() || !peak.is_finite() {
                 continue;
             }
-            let tolerance = 8.0 * gamma * (peak * scale).sqrt() + own * scale + f64::MIN_POSITIVE;
+            let tolerance =
+                8.0 * gamma * (peak * scale).sqrt() + own * scale + slack + slack_per_sum_a * sum_a;
             let fine = if got.is_finite() && want.is_finite() {
                 (got - want).abs() <= tolerance
             } else {
@@ -433,12 +545,12 @@ impl FromB {
         let job = &mut self.job;
         let (k, bands) = (job.plan.k as usize, job.plan.tiles_j() as usize);
         let cols = job.plan.cols(j);
-        let r = &job.r[cols.start as usize..cols.end as usize];
         let values = elements::<T>(bytes);
         let n = cols.len().max(1);
         let rows = (values.len() / n).min(k.saturating_sub(first));
         let mut stats = Vec::with_capacity(rows);
-        row_stats::<T, false>(&values[..rows * n], cols.len(), r, &mut stats);
+        let (r, r32) = job.r_of(cols.clone());
+        row_stats::<T, false>(&values[..rows * n], cols.len(), r, r32, &mut stats);
         let w = &mut job.columns.w;
         for (l, &(dot, sum, max)) in stats.iter().enumerate() {
             let l = first + l;
@@ -469,6 +581,9 @@ impl FromB {
                 let peak = highs.pop().unwrap_or(0.0);
                 (highs, peak)
             });
+        if job.narrow {
+            job.columns.w32 = job.columns.w.iter().map(|&v| v as f32).collect();
+        }
         job.x = vec![0.0; job.plan.m as usize * job.columns.x_width(bands)];
         if job.beta != 0.0 {
             job.c = vec![Vec::new(); job.plan.tile_count() as usize];
@@ -507,12 +622,14 @@ impl FromA {
         let values = &values[..rows * k];
         let start = (band.start as usize + first) * width;
         let x = &mut job.x[start..start + rows * width];
-        let w = &job.columns.w;
-        if job.columns.balanced.is_some() {
-            times::<T, false>(values, k, &w[..bands * k], x, (width, 0), Some(bands));
-        } else {
-            times::<T, false>(values, k, &w[..bands * k], x, (width, 0), None);
-            times::<T, true>(values, k, &w[bands * k..], x, (width, bands), None);
+        let (w, w32) = (&job.columns.w, &job.columns.w32);
+        let narrow = |range: std::ops::RangeFrom<usize>| job.narrow.then(|| &w32[range]);
+        // The signed columns, with `Σ|A_il|` beside them.
+        let signed = (&w[..bands * k], narrow(0..).map(|w32| &w32[..bands * k]));
+        times::<T, false>(values, k, signed, x, (width, 0), Some(bands));
+        if job.columns.balanced.is_none() {
+            let bounds = (&w[bands * k..], narrow(bands * k..));
+            times::<T, true>(values, k, bounds, x, (width, bands + 1), None);
         }
     }
 
@@ -523,9 +640,10 @@ impl FromA {
             return;
         };
         let cols = job.plan.cols(j);
-        let r = &job.r[cols.start as usize..cols.end as usize];
+        let range = cols.start as usize..cols.end as usize;
+        let (r, r32) = (&job.r[range.clone()], job.narrow.then(|| &job.r32[range]));
         debug_assert_eq!(stats.len(), first, "C's rows come in order");
-        row_stats::<T, false>(&elements::<T>(bytes), cols.len(), r, stats);
+        row_stats::<T, false>(&elements::<T>(bytes), cols.len(), r, r32, stats);
     }
 
     pub fn finish(self) -> JobCheck {
@@ -589,11 +707,12 @@ fn madd<const FMA: bool>(acc: f64, a: f64, b: f64) -> f64 {
 
 /// Appends `(Σ x·r, Σ |x|, max |x|)` of every row `x` of `rows` (`width` elements each)
 /// to `out`, compiled for the widest vector unit this CPU has. `DOT_ONLY`: `Σ x·r` alone,
-/// the rest 0.
+/// the rest 0. With `r32` (`r` as f32s) and f32 rows, on AVX-512F, in f32 arithmetic.
 fn row_stats<T: Element, const DOT_ONLY: bool>(
     rows: &[T],
     width: usize,
     r: &[f64],
+    r32: Option<&[f32]>,
     out: &mut Vec<Stats>,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -601,74 +720,180 @@ fn row_stats<T: Element, const DOT_ONLY: bool>(
         let fma = std::arch::is_x86_feature_detected!("fma");
         if fma && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked just above.
-            return unsafe { row_stats_avx512::<T, DOT_ONLY>(rows, width, r, out) };
+            return unsafe { row_stats_avx512::<T, DOT_ONLY>(rows, width, r, r32, out) };
         }
         if fma && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
             return unsafe { row_stats_avx2::<T, DOT_ONLY>(rows, width, r, out) };
         }
     }
+    let _ = r32;
     row_stats_lanes::<T, { cfg!(target_arch = "aarch64") }, 8, DOT_ONLY>(rows, width, r, out)
 }
 
-/// [`row_stats`] in 512-bit registers, four of them per sum.
+/// [`row_stats`] in 512-bit registers, four of them per sum; f32 rows with `r32` in f32
+/// arithmetic ([`row_narrow`]), a row whose f32 sums overflow again in f64.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn row_stats_avx512<T: Element, const DOT_ONLY: bool>(
     rows: &[T],
     width: usize,
     r: &[f64],
+    r32: Option<&[f32]>,
     out: &mut Vec<Stats>,
 ) {
-    use std::arch::x86_64::*;
     if width == 0 {
         return;
     }
-    const U: usize = 4;
-    let full = width.min(r.len()) / (8 * U) * (8 * U);
+    let r32 = r32.filter(|_| T::F32);
     for row in rows.chunks_exact(width) {
-        let mut dot = [_mm512_setzero_pd(); U];
-        let mut sum = [_mm512_setzero_pd(); U];
-        let mut max = [_mm512_setzero_pd(); U];
-        let mut l = 0;
-        while l < full {
+        if let Some(r32) = r32 {
+            // SAFETY: AVX-512F is this function's; `T` is f32 (`T::F32`).
+            let (dot, sum, max) = unsafe { row_narrow::<DOT_ONLY>(bytemuck::cast_slice(row), r32) };
+            if dot.is_finite() && sum.is_finite() {
+                out.push((dot, sum, max));
+                continue;
+            }
+        }
+        // SAFETY: as above.
+        out.push(unsafe { row_wide::<T, DOT_ONLY>(row, r) });
+    }
+}
+
+/// One row of [`row_stats_avx512`] widened to f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn row_wide<T: Element, const DOT_ONLY: bool>(row: &[T], r: &[f64]) -> Stats {
+    use std::arch::x86_64::*;
+    const U: usize = 4;
+    let full = row.len().min(r.len()) / (8 * U) * (8 * U);
+    let mut dot = [_mm512_setzero_pd(); U];
+    let mut sum = [_mm512_setzero_pd(); U];
+    let mut max = [_mm512_setzero_pd(); U];
+    let mut l = 0;
+    while l < full {
+        for u in 0..U {
+            // SAFETY: `l + 8·U <= full <= row.len(), r.len()`; AVX-512F is this function's.
+            unsafe {
+                let v = load8(row, l + 8 * u);
+                let q = _mm512_loadu_pd(r.as_ptr().add(l + 8 * u));
+                dot[u] = _mm512_fmadd_pd(v, q, dot[u]);
+                if !DOT_ONLY {
+                    let a = _mm512_abs_pd(v);
+                    sum[u] = _mm512_add_pd(sum[u], a);
+                    // The running maximum second: a NaN `a` leaves it as it was.
+                    max[u] = _mm512_max_pd(a, max[u]);
+                }
+            }
+        }
+        l += 8 * U;
+    }
+    let add = |v: [__m512d; U]| {
+        _mm512_reduce_add_pd(_mm512_add_pd(
+            _mm512_add_pd(v[0], v[1]),
+            _mm512_add_pd(v[2], v[3]),
+        ))
+    };
+    let (mut d, mut s) = (add(dot), add(sum));
+    let mut m = _mm512_reduce_max_pd(_mm512_max_pd(
+        _mm512_max_pd(max[0], max[1]),
+        _mm512_max_pd(max[2], max[3]),
+    ));
+    for (v, q) in row[full..].iter().zip(&r[full..]) {
+        let v = v.widen();
+        d = v.mul_add(*q, d);
+        if !DOT_ONLY {
+            s += v.abs();
+            m = if v.abs() > m { v.abs() } else { m };
+        }
+    }
+    (d, s, m)
+}
+
+/// One f32 row of [`row_stats_avx512`] in f32 arithmetic: four vectors of 16 lanes per
+/// sum, each lane widened into an f64 total after at most [`NARROW_CHAIN`] terms; the
+/// tail (under 64 elements) in f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn row_narrow<const DOT_ONLY: bool>(row: &[f32], r: &[f32]) -> Stats {
+    use std::arch::x86_64::*;
+    const U: usize = 4;
+    let full = row.len().min(r.len()) / (16 * U) * (16 * U);
+    let (mut d, mut s) = (0.0, 0.0);
+    let mut max = [_mm512_setzero_ps(); U];
+    let mut l = 0;
+    while l < full {
+        let stretch = (full - l).min(16 * U * NARROW_CHAIN);
+        let mut dot = [_mm512_setzero_ps(); U];
+        let mut sum = [_mm512_setzero_ps(); U];
+        for at in (l..l + stretch).step_by(16 * U) {
             for u in 0..U {
-                // SAFETY: `l + 8·U <= full <= width, r.len()`; AVX-512F is this function's.
+                // The row's lines a few KiB ahead (into the rows after it): a hint, never
+                // a fault.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.as_ptr()
+                        .wrapping_add(at + 16 * u + 4 * PREFETCH)
+                        .cast::<i8>(),
+                );
+                // SAFETY: `at + 16·U <= full <= row.len(), r.len()`; AVX-512F is this
+                // function's.
                 unsafe {
-                    let v = load8(row, l + 8 * u);
-                    let q = _mm512_loadu_pd(r.as_ptr().add(l + 8 * u));
-                    dot[u] = _mm512_fmadd_pd(v, q, dot[u]);
+                    let v = _mm512_loadu_ps(row.as_ptr().add(at + 16 * u));
+                    let q = _mm512_loadu_ps(r.as_ptr().add(at + 16 * u));
+                    dot[u] = _mm512_fmadd_ps(v, q, dot[u]);
                     if !DOT_ONLY {
-                        let a = _mm512_abs_pd(v);
-                        sum[u] = _mm512_add_pd(sum[u], a);
+                        let a = _mm512_abs_ps(v);
+                        sum[u] = _mm512_add_ps(sum[u], a);
                         // The running maximum second: a NaN `a` leaves it as it was.
-                        max[u] = _mm512_max_pd(a, max[u]);
+                        max[u] = _mm512_max_ps(a, max[u]);
                     }
                 }
             }
-            l += 8 * U;
         }
-        let add = |v: [__m512d; U]| {
-            _mm512_reduce_add_pd(_mm512_add_pd(
-                _mm512_add_pd(v[0], v[1]),
-                _mm512_add_pd(v[2], v[3]),
-            ))
-        };
-        let (mut d, mut s) = (add(dot), add(sum));
-        let mut m = _mm512_reduce_max_pd(_mm512_max_pd(
-            _mm512_max_pd(max[0], max[1]),
-            _mm512_max_pd(max[2], max[3]),
-        ));
-        for (v, q) in row[full..].iter().zip(&r[full..]) {
-            let v = v.widen();
-            d = v.mul_add(*q, d);
-            if !DOT_ONLY {
-                s += v.abs();
-                m = if v.abs() > m { v.abs() } else { m };
-            }
+        d += widen_sum([fold_narrow(dot)]);
+        if !DOT_ONLY {
+            s += widen_sum([fold_narrow(sum)]);
         }
-        out.push((d, s, m));
+        l += stretch;
     }
+    let mut m = f64::from(_mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_max_ps(max[0], max[1]),
+        _mm512_max_ps(max[2], max[3]),
+    )));
+    for (&v, &q) in row[full..].iter().zip(&r[full..]) {
+        let v = f64::from(v);
+        d = v.mul_add(f64::from(q), d);
+        if !DOT_ONLY {
+            s += v.abs();
+            m = if v.abs() > m { v.abs() } else { m };
+        }
+    }
+    (d, s, m)
+}
+
+/// The four vectors of a sum added lane by lane in f32, pairwise: two more roundings on
+/// each lane's chain (see [`narrow_chain`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fold_narrow(vs: [std::arch::x86_64::__m512; 4]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_add_ps(_mm512_add_ps(vs[0], vs[1]), _mm512_add_ps(vs[2], vs[3]))
+}
+
+/// The sum of every lane of `vs`, each widened to f64 first (no f32 addition).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn widen_sum<const U: usize>(vs: [std::arch::x86_64::__m512; U]) -> f64 {
+    use std::arch::x86_64::*;
+    let mut total = _mm512_setzero_pd();
+    for v in vs {
+        let low = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        let high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(v),
+        )));
+        total = _mm512_add_pd(total, _mm512_add_pd(low, high));
+    }
+    _mm512_reduce_add_pd(total)
 }
 
 /// Eight elements of `row` from `l` on, widened to f64.
@@ -761,11 +986,12 @@ fn fold<const L: usize>(mut lanes: [f64; L], op: impl Fn(f64, f64) -> f64) -> f6
 
 /// `out[t·width + offset + c] = Σ_l f(A_tl)·w[c·k + l]` for every row `t` of `a` (`k`
 /// elements each) and every column `c` of `w`, where `f` is `|·|` when `ABS`; with
-/// `sum_at`, also `out[t·width + sum_at] = Σ_l |A_tl|`.
+/// `sum_at`, also `out[t·width + sum_at] = Σ_l |A_tl|`. With `w32` (`w` rounded to f32)
+/// and f32 rows, on AVX-512F, in f32 arithmetic.
 fn times<T: Element, const ABS: bool>(
     a: &[T],
     k: usize,
-    w: &[f64],
+    (w, w32): (&[f64], Option<&[f32]>),
     out: &mut [f64],
     (width, offset): (usize, usize),
     sum_at: Option<usize>,
@@ -776,8 +1002,9 @@ fn times<T: Element, const ABS: bool>(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { times_avx512::<T, ABS>(a, k, w, out, (width, offset), sum_at) };
+        return unsafe { times_avx512::<T, ABS>(a, k, (w, w32), out, (width, offset), sum_at) };
     }
+    let _ = w32;
     times_portable::<T, ABS>(a, k, w, out, (width, offset), sum_at)
 }
 
@@ -804,7 +1031,7 @@ fn times_portable<T: Element, const ABS: bool>(
         dots(&x, w, &mut out[t * width + offset..][..columns]);
         if let Some(at) = sum_at {
             stats.clear();
-            row_stats::<T, false>(row, k, &w[..k], &mut stats);
+            row_stats::<T, false>(row, k, &w[..k], None, &mut stats);
             out[t * width + at] = stats[0].1;
         }
     }
@@ -819,7 +1046,7 @@ fn times_portable<T: Element, const ABS: bool>(
 unsafe fn times_avx512<T: Element, const ABS: bool>(
     a: &[T],
     k: usize,
-    w: &[f64],
+    (w, w32): (&[f64], Option<&[f32]>),
     out: &mut [f64],
     (width, offset): (usize, usize),
     sum_at: Option<usize>,
@@ -827,6 +1054,7 @@ unsafe fn times_avx512<T: Element, const ABS: bool>(
     const R: usize = 4;
     let columns = w.len() / k;
     let rows = a.len() / k;
+    let w32 = w32.filter(|_| T::F32);
     for t in (0..rows).step_by(R) {
         let real = (rows - t).min(R);
         let block: [&[T]; R] = std::array::from_fn(|h| &a[(t + h.min(real - 1)) * k..][..k]);
@@ -836,13 +1064,13 @@ unsafe fn times_avx512<T: Element, const ABS: bool>(
             // Columns in groups of at most six, as even as can be (8 is 4 + 4, not 6 + 2).
             let left = columns - c;
             let group = left.div_ceil(left.div_ceil(6).max(1));
-            let stretch = |g: usize| -> &[f64] {
-                if group == 0 {
-                    &[]
-                } else {
-                    &w[(c + g.min(group - 1)) * k..][..k]
-                }
-            };
+            let at = |g: usize| (c + g.min(group.max(1) - 1)) * k;
+            let stretch = |g: usize| -> &[f64] { if group == 0 { &[] } else { &w[at(g)..][..k] } };
+            let narrow = w32.map(|w32| {
+                std::array::from_fn(|g| -> &[f32] {
+                    if group == 0 { &[] } else { &w32[at(g)..][..k] }
+                })
+            });
             let sums_here = c == 0 && with_sums;
             // SAFETY: the CPU has AVX-512F (this function's own feature); every row
             // of `block` and every column is `k` long.
@@ -851,21 +1079,25 @@ unsafe fn times_avx512<T: Element, const ABS: bool>(
                     (true, true) => block_avx512::<T, R, 6, ABS, true>(
                         block,
                         std::array::from_fn(stretch),
+                        narrow,
                         group,
                     ),
                     (true, false) => block_avx512::<T, R, 6, ABS, false>(
                         block,
                         std::array::from_fn(stretch),
+                        narrow,
                         group,
                     ),
                     (false, true) => block_avx512::<T, R, 4, ABS, true>(
                         block,
                         std::array::from_fn(stretch),
+                        narrow.map(|n: [&[f32]; 6]| std::array::from_fn(|g| n[g])),
                         group,
                     ),
                     (false, false) => block_avx512::<T, R, 4, ABS, false>(
                         block,
                         std::array::from_fn(stretch),
+                        narrow.map(|n: [&[f32]; 6]| std::array::from_fn(|g| n[g])),
                         group,
                     ),
                 }
@@ -884,10 +1116,43 @@ unsafe fn times_avx512<T: Element, const ABS: bool>(
 
 /// `R` rows of `A` against `G` columns (`group` of them real, the rest repeats of the last;
 /// none when `group` is 0), all of one length: `sums[h][g]` = row `h` times column `g`,
-/// and with `SUM`, `abs[h]` = `Σ |A_hl|`.
+/// and with `SUM`, `abs[h]` = `Σ |A_hl|`. With `narrow` (the columns rounded to f32) and
+/// f32 rows, in f32 arithmetic ([`block_narrow`]); a block whose f32 sums overflow is done
+/// again in f64.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<
+    T: Element,
+    const R: usize,
+    const G: usize,
+    const ABS: bool,
+    const SUM: bool,
+>(
+    rows: [&[T]; R],
+    columns: [&[f64]; G],
+    narrow: Option<[&[f32]; G]>,
+    group: usize,
+) -> ([[f64; 6]; R], [f64; R]) {
+    if let Some(narrow) = narrow.filter(|_| T::F32) {
+        let rows32 = rows.map(|row| bytemuck::cast_slice::<T, f32>(row));
+        // SAFETY: AVX-512F is this function's; the caller's promises carry over.
+        let (sums, abs) = unsafe { block_narrow::<R, G, ABS, SUM>(rows32, narrow, group) };
+        let finite = sums
+            .iter()
+            .all(|row| row[..G.min(group)].iter().all(|v| v.is_finite()))
+            && abs.iter().all(|v| v.is_finite());
+        if finite {
+            return (sums, abs);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { block_wide::<T, R, G, ABS, SUM>(rows, columns, group) }
+}
+
+/// [`block_avx512`] widened to f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_wide<
     T: Element,
     const R: usize,
     const G: usize,
@@ -906,7 +1171,6 @@ unsafe fn block_avx512<
         let v = unsafe { load8(row, l) };
         if ABS { _mm512_abs_pd(v) } else { v }
     };
-    const PREFETCH: usize = 256;
     let mut acc = [[_mm512_setzero_pd(); G]; R];
     let mut abs_acc = [_mm512_setzero_pd(); R];
     let mut l = 0;
@@ -952,6 +1216,125 @@ unsafe fn block_avx512<
         }
     }
     (sums, abs)
+}
+
+/// [`block_avx512`] of f32 rows against f32 columns in f32 arithmetic: 16 lanes per
+/// product, each lane widened into an f64 total after at most [`NARROW_CHAIN`] terms;
+/// the tail (under 16 elements) in f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_narrow<const R: usize, const G: usize, const ABS: bool, const SUM: bool>(
+    rows: [&[f32]; R],
+    columns: [&[f32]; G],
+    group: usize,
+) -> ([[f64; 6]; R], [f64; R]) {
+    let k = rows[0].len();
+    let full = k / 16 * 16;
+    let mut sums = [[0.0; 6]; R];
+    let mut abs = [0.0; R];
+    let mut l = 0;
+    while l < full {
+        // Every lane's sum into f64 before its chain grows past `NARROW_CHAIN`.
+        let end = full.min(l + 16 * NARROW_CHAIN);
+        // SAFETY: `end <= full`; AVX-512F is this function's.
+        let (acc, abs_acc) =
+            unsafe { stretch_narrow::<R, G, ABS, SUM>(rows, columns, group, l..end) };
+        for h in 0..R {
+            for g in 0..G.min(group) {
+                sums[h][g] += widen_sum([acc[h][g]]);
+            }
+            if SUM {
+                abs[h] += widen_sum([abs_acc[h]]);
+            }
+        }
+        l = end;
+    }
+    for h in 0..R {
+        for g in 0..G.min(group) {
+            for l in full..k {
+                let v = f64::from(rows[h][l]);
+                sums[h][g] =
+                    (if ABS { v.abs() } else { v }).mul_add(f64::from(columns[g][l]), sums[h][g]);
+            }
+        }
+        if SUM {
+            abs[h] += rows[h][full..]
+                .iter()
+                .map(|v| f64::from(v.abs()))
+                .sum::<f64>();
+        }
+    }
+    (sums, abs)
+}
+
+/// The f32 sums of [`block_narrow`] over `stretch` (a multiple of 16 long, within every
+/// row and column), in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn stretch_narrow<const R: usize, const G: usize, const ABS: bool, const SUM: bool>(
+    rows: [&[f32]; R],
+    columns: [&[f32]; G],
+    group: usize,
+    stretch: std::ops::Range<usize>,
+) -> (
+    [[std::arch::x86_64::__m512; G]; R],
+    [std::arch::x86_64::__m512; R],
+) {
+    use std::arch::x86_64::*;
+    let load = |row: &[f32], l: usize| {
+        // SAFETY: `l + 16 <= stretch.end <= row.len()`; AVX-512F is this function's.
+        let v = unsafe { _mm512_loadu_ps(row.as_ptr().add(l)) };
+        if ABS { _mm512_abs_ps(v) } else { v }
+    };
+    let mut acc = [[_mm512_setzero_ps(); G]; R];
+    let mut abs_acc = [_mm512_setzero_ps(); R];
+    for l in stretch.step_by(16) {
+        for row in rows {
+            // A line of each row a few hundred elements ahead: a hint, never a fault.
+            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(l + PREFETCH).cast::<i8>());
+        }
+        let xs: [__m512; R] = std::array::from_fn(|h| load(rows[h], l));
+        if SUM {
+            for h in 0..R {
+                abs_acc[h] = _mm512_add_ps(abs_acc[h], _mm512_abs_ps(xs[h]));
+            }
+        }
+        if group > 0 {
+            for g in 0..G {
+                // SAFETY: `l + 16 <= stretch.end`, within every column.
+                let wv = unsafe { _mm512_loadu_ps(columns[g].as_ptr().add(l)) };
+                for h in 0..R {
+                    acc[h][g] = _mm512_fmadd_ps(xs[h], wv, acc[h][g]);
+                }
+            }
+        }
+    }
+    (acc, abs_acc)
+}
+
+/// How far ahead of the row the A·W passes prefetch, in elements.
+const PREFETCH: usize = 256;
+
+/// Most f32 terms a lane of an f32 pass adds up before it is widened into an f64 total.
+const NARROW_CHAIN: usize = 64;
+
+/// The longest f32 sum of a lane in an f32 pass over `len` elements, `step` of them an
+/// iteration: what the f32 passes add to the tolerance (see "f32 passes"). The row
+/// passes fold their four vectors in f32 at the end: two more.
+fn narrow_chain(len: usize, step: usize) -> usize {
+    len.div_ceil(step).min(NARROW_CHAIN)
+}
+
+/// Whether an f32 job's passes can run in f32 arithmetic here (AVX-512F and FMA).
+fn narrow_path(dtype: Dtype) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == Dtype::F32 {
+        return std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma");
+    }
+    let _ = dtype;
+    false
 }
 
 /// `out[c] = Σ_l x_l·w[c·k + l]` for every column `c` of `w` (`out.len()` columns of
@@ -1201,11 +1584,13 @@ mod tests {
                 for dtype in [Dtype::F32, Dtype::F64] {
                     for portable in [false, true] {
                         let case = Case::new(dtype, shape, seed * 31 + s as u64, portable);
-                        assert_eq!(
-                            check(&case.tile(), &case.result, &mut rng),
-                            Ok(()),
-                            "{dtype} {shape:?} seed {seed} portable {portable}"
-                        );
+                        for narrow in [false, true] {
+                            assert_eq!(
+                                check_on(&case.tile(), &case.result, &mut rng, narrow),
+                                Ok(()),
+                                "{dtype} {shape:?} seed {seed} portable {portable} narrow {narrow}"
+                            );
+                        }
                     }
                 }
             }
@@ -1255,25 +1640,29 @@ mod tests {
             case.beta = 0.0;
             case.result = bytes(&out);
             let plan = TilePlan::new(m as u32, n as u32, k as u32, m as u32, n as u32);
-            let check = JobCheck::from_panels(
-                dtype,
-                case.alpha,
-                0.0,
-                plan,
-                Panels {
-                    a: &[&case.a],
-                    b: &[&case.b],
-                    c: None,
-                },
-                &mut rng,
-            );
-            assert!(check.columns.balanced.is_none());
-            assert_eq!(check.check((0, 0), &case.result), Ok(()), "{dtype}");
-            case.corrupt(7, 9, if dtype == Dtype::F32 { 0.1 } else { 1e-6 });
-            let err = check
-                .check((0, 0), &case.result)
-                .expect_err("a wrong element");
-            assert_eq!(err.row, 7, "{err}");
+            for narrow in [false, true] {
+                let check = JobCheck::from_panels_on(
+                    dtype,
+                    case.alpha,
+                    0.0,
+                    plan,
+                    Panels {
+                        a: &[&case.a],
+                        b: &[&case.b],
+                        c: None,
+                    },
+                    &mut rng,
+                    narrow,
+                );
+                assert!(check.columns.balanced.is_none());
+                assert_eq!(check.check((0, 0), &case.result), Ok(()), "{dtype}");
+                let mut wrong = case.clone();
+                wrong.corrupt(7, 9, if dtype == Dtype::F32 { 0.1 } else { 1e-6 });
+                let err = check
+                    .check((0, 0), &wrong.result)
+                    .expect_err("a wrong element");
+                assert_eq!(err.row, 7, "{err}");
+            }
         }
         // Random rows are balanced: the shortcut is what most jobs take.
         let case = Case::new(Dtype::F32, (8, 256, 512), 1, false);
@@ -1294,14 +1683,13 @@ mod tests {
     }
 
     /// The vectorised passes against plain sums, for every remainder of their blocking
-    /// (rows of 4, columns of 4 and 6, lanes of 8 and 32), both element types, read in
-    /// place and from a misaligned copy, on this CPU's path and the portable one.
+    /// (rows of 4, columns of 4 and 6, lanes of 8, 16, 32 and 64, f32 sums widened every
+    /// stretch), both element types, read in place and from a misaligned copy, on this
+    /// CPU's path, the portable one and (f32, where the CPU has AVX-512F) the f32 one
+    /// within its documented bound.
     #[test]
     fn the_vectorised_passes_match_plain_sums() {
         let mut rng = StdRng::seed_from_u64(3);
-        let close = |got: f64, want: f64, scale: f64| {
-            assert!((got - want).abs() <= 1e-12 * scale, "{got} vs {want}");
-        };
         for (rows, k, columns) in [
             (1, 1, 1),
             (3, 7, 2),
@@ -1309,6 +1697,7 @@ mod tests {
             (5, 33, 5),
             (9, 100, 7),
             (6, 64, 13),
+            (5, 4200, 3),
         ] {
             let a = random(&mut rng, rows * k, 3.0);
             let w = random(&mut rng, k * columns, 1.0);
@@ -1320,58 +1709,81 @@ mod tests {
                 };
                 let mut shifted = vec![0u8; bytes.len() + 1];
                 shifted[1..].copy_from_slice(&bytes);
-                // The path this CPU takes, and the portable one (what CPUs without
-                // AVX-512 take).
-                let inputs = [
-                    (&bytes[..], false),
-                    (&shifted[1..], false),
-                    (&bytes[..], true),
+                // `w` rounded to f32 for the f32 path; `r` of the row passes is its first
+                // column, exactly an f32 as the check draws it.
+                let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+                let mut w = w.clone();
+                w[..k].iter_mut().for_each(|v| *v = f64::from(*v as f32));
+                let w = &w;
+                #[derive(Clone, Copy, Debug, PartialEq)]
+                enum Path {
+                    Here,
+                    Portable,
+                    Narrow,
+                }
+                // The path this CPU takes, the portable one (what CPUs without AVX-512
+                // take), and the f32 one.
+                let mut inputs = vec![
+                    (&bytes[..], Path::Here),
+                    (&shifted[1..], Path::Here),
+                    (&bytes[..], Path::Portable),
                 ];
-                for (input, portable) in inputs {
+                if f32s && narrow_path(Dtype::F32) {
+                    inputs.push((&bytes[..], Path::Narrow));
+                    inputs.push((&shifted[1..], Path::Narrow));
+                }
+                for (input, path) in inputs {
                     let width = 2 * columns + 1;
                     let mut out = vec![0.0; rows * width];
                     let mut stats = Vec::new();
                     fn run<T: Element>(
-                        portable: bool,
+                        path: Path,
                         a: &[T],
-                        (k, w, columns, width): (usize, &[f64], usize, usize),
+                        (k, w, w32, columns, width): (usize, &[f64], &[f32], usize, usize),
                         out: &mut [f64],
                         stats: &mut Vec<Stats>,
                     ) {
-                        if portable {
+                        let (w32, r32) = match path {
+                            Path::Narrow => (Some(w32), Some(&w32[..k])),
+                            _ => (None, None),
+                        };
+                        if path == Path::Portable {
                             times_portable::<T, false>(a, k, w, out, (width, 0), Some(2 * columns));
                             times_portable::<T, true>(a, k, w, out, (width, columns), None);
                             row_stats_lanes::<T, false, 8, false>(a, k, &w[..k], stats);
                         } else {
-                            times::<T, false>(a, k, w, out, (width, 0), Some(2 * columns));
-                            times::<T, true>(a, k, w, out, (width, columns), None);
-                            row_stats::<T, false>(a, k, &w[..k], stats);
+                            let ws = (w, w32);
+                            times::<T, false>(a, k, ws, out, (width, 0), Some(2 * columns));
+                            times::<T, true>(a, k, ws, out, (width, columns), None);
+                            row_stats::<T, false>(a, k, &w[..k], r32, stats);
                         }
                     }
-                    let shape = (k, &w[..], columns, width);
+                    let shape = (k, &w[..], &w32[..], columns, width);
                     if f32s {
-                        run(
-                            portable,
-                            &elements::<f32>(input),
-                            shape,
-                            &mut out,
-                            &mut stats,
-                        );
+                        run(path, &elements::<f32>(input), shape, &mut out, &mut stats);
                     } else {
-                        run(
-                            portable,
-                            &elements::<f64>(input),
-                            shape,
-                            &mut out,
-                            &mut stats,
-                        );
+                        run(path, &elements::<f64>(input), shape, &mut out, &mut stats);
                     }
-                    // f32 input: compare with the sums of the rounded values.
+                    // f32 input: compare with the sums of the rounded values; the f32
+                    // path within its bound, the others to f64 rounding.
                     let a: Vec<f64> = if f32s {
                         a.iter().map(|&v| f64::from(v as f32)).collect()
                     } else {
                         a.clone()
                     };
+                    let unit = f64::from(f32::EPSILON) / 2.0;
+                    let close = |got: f64, want: f64, scale: f64, chain: usize| {
+                        let bound = if path == Path::Narrow {
+                            1.01 * (chain + 1) as f64 * unit * scale
+                        } else {
+                            1e-12 * scale
+                        };
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "{path:?} {rows}x{k}x{columns}: {got} vs {want}"
+                        );
+                    };
+                    let (row_chain, times_chain) = (narrow_chain(k, 64) + 2, narrow_chain(k, 16));
                     let plain = |t: usize, c: usize, abs: bool| -> (f64, f64) {
                         (0..k).fold((0.0, 0.0), |(sum, scale), l| {
                             let v = if abs {
@@ -1379,7 +1791,12 @@ mod tests {
                             } else {
                                 a[t * k + l]
                             };
-                            let p = v * w[c * k + l];
+                            let w = if path == Path::Narrow {
+                                f64::from(w32[c * k + l])
+                            } else {
+                                w[c * k + l]
+                            };
+                            let p = v * w;
                             (sum + p, scale + p.abs())
                         })
                     };
@@ -1387,15 +1804,15 @@ mod tests {
                         let row = &a[t * k..(t + 1) * k];
                         for c in 0..columns {
                             let (want, scale) = plain(t, c, false);
-                            close(out[t * width + c], want, scale);
+                            close(out[t * width + c], want, scale, times_chain);
                             let (want, scale) = plain(t, c, true);
-                            close(out[t * width + columns + c], want, scale);
+                            close(out[t * width + columns + c], want, scale, times_chain);
                         }
                         let abs: f64 = row.iter().map(|v| v.abs()).sum();
-                        close(out[t * width + 2 * columns], abs, abs);
+                        close(out[t * width + 2 * columns], abs, abs, times_chain);
                         let (dot, scale) = plain(t, 0, false);
-                        close(stats[t].0, dot, scale);
-                        close(stats[t].1, abs, abs);
+                        close(stats[t].0, dot, scale, row_chain);
+                        close(stats[t].1, abs, abs, row_chain);
                         let max = row.iter().fold(0.0f64, |m, v| m.max(v.abs()));
                         assert_eq!(stats[t].2, max);
                     }
@@ -1410,7 +1827,7 @@ mod tests {
     #[test]
     fn every_tile_of_a_job_is_judged_right() {
         let mut rng = StdRng::seed_from_u64(21);
-        for dtype in [Dtype::F32, Dtype::F64] {
+        for (dtype, narrow) in [(Dtype::F32, false), (Dtype::F32, true), (Dtype::F64, false)] {
             for balanced in [true, false] {
                 // Balanced needs bands wide enough for their row sums to agree: 7 of 64.
                 let (m, n, k, edge) = if balanced {
@@ -1459,7 +1876,8 @@ mod tests {
                 // Built as the grid builds it, fed while hashing: B's panels a piece at a
                 // time, then A's a row at a time, then C's tiles.
                 let beta = if case.c.is_some() { case.beta } else { 0.0 };
-                let mut from_b = JobCheck::begin(dtype, case.alpha, beta, plan, &mut rng);
+                let mut from_b =
+                    JobCheck::begin_on(dtype, case.alpha, beta, plan, &mut rng, narrow);
                 for j in 0..plan.tiles_j() {
                     let panel = block(&case.b, 0..k as u32, plan.cols(j), n);
                     let mut hasher = blake3::Hasher::new();
@@ -1493,6 +1911,7 @@ mod tests {
                 }
                 let check = from_a.finish();
                 assert_eq!(check.columns.balanced.is_some(), balanced, "{dtype}");
+                assert_eq!(check.narrow, narrow && narrow_path(dtype));
                 for (i, j) in plan.tiles() {
                     let (rows, cols) = (plan.rows(i), plan.cols(j));
                     let tile = block(&case.result, rows.clone(), cols.clone(), n);
@@ -1541,9 +1960,11 @@ mod tests {
                 // f32: a tenth of the tile's largest value; f64: a millionth.
                 let size = if dtype == Dtype::F32 { 0.1 } else { 1e-6 };
                 case.corrupt((seed as usize * 7) % 40, (seed as usize * 3) % 30, size);
-                let err = check(&case.tile(), &case.result, &mut rng)
-                    .expect_err(&format!("{dtype} seed {seed}"));
-                assert_eq!(err.row, (seed as usize * 7) % 40, "{err}");
+                for narrow in [false, true] {
+                    let err = check_on(&case.tile(), &case.result, &mut rng, narrow)
+                        .expect_err(&format!("{dtype} seed {seed} narrow {narrow}"));
+                    assert_eq!(err.row, (seed as usize * 7) % 40, "{err}");
+                }
             }
         }
     }
@@ -1562,6 +1983,81 @@ mod tests {
         assert!(check(&case.tile(), &zeros, &mut rng).is_err());
         let nans = f32_bytes(&vec![f32::NAN; 32 * 32]);
         assert!(check(&case.tile(), &nans, &mut rng).is_err());
+    }
+
+    /// Magnitudes near f32's largest, where the check's f32 sums overflow though the
+    /// product does not: the f32 passes give way to f64 for those rows, and the check still
+    /// judges (an infinite bound would let every row through).
+    #[test]
+    fn sums_that_overflow_f32_are_checked_in_f64() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let (m, n, k) = (6, 256, 2);
+        let a = vec![1.0f32; m * k];
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| if i % 3 == 0 { -1e36 } else { 1e36 })
+            .collect();
+        let mut out = vec![0.0f32; m * n];
+        gemm_portable(
+            1.0,
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&b, k, n).unwrap(),
+            0.0,
+            MatMut::row_major(&mut out, m, n).unwrap(),
+        )
+        .unwrap();
+        assert!(out.iter().all(|v| v.is_finite()));
+        // Σ_q |B_lq| is 2.56e38 per row: finite in f32, but not once times Σ_l |A_il|.
+        let (a, b) = (f32_bytes(&a), f32_bytes(&b));
+        let tile = Tile {
+            dtype: Dtype::F32,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            a: &a,
+            b: &b,
+            c: None,
+        };
+        for narrow in [false, true] {
+            assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, narrow), Ok(()));
+            let mut wrong = out.clone();
+            // Far above the tolerance (about 4·10³¹ here), far below the values.
+            wrong[3 * n + 100] += 1e35;
+            let err =
+                check_on(&tile, &f32_bytes(&wrong), &mut rng, narrow).expect_err("a wrong element");
+            assert_eq!(err.row, 3, "{err}");
+        }
+        // Entries of B near f32's largest: a lane's sum over a row of B, and W, overflow
+        // f32 (though A·B does not: the rows of A are (1, -1)).
+        let b: Vec<f32> = (0..k * n).map(|_| 2e38).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let mut out = vec![0.0f32; m * n];
+        gemm_portable(
+            1.0,
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&b, k, n).unwrap(),
+            0.0,
+            MatMut::row_major(&mut out, m, n).unwrap(),
+        )
+        .unwrap();
+        let (a, b) = (f32_bytes(&a), f32_bytes(&b));
+        let tile = Tile {
+            a: &a,
+            b: &b,
+            ..tile
+        };
+        for narrow in [false, true] {
+            assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, narrow), Ok(()));
+            let mut wrong = out.clone();
+            // The tolerance is about 2·10³⁴ here.
+            wrong[2 * n + 7] += 1e36;
+            let err =
+                check_on(&tile, &f32_bytes(&wrong), &mut rng, narrow).expect_err("a wrong element");
+            assert_eq!(err.row, 2, "{err}");
+        }
     }
 
     #[test]
