@@ -13,8 +13,9 @@
 //! result's columns and shares the work between tiles: a pass over `B` gives, for every
 //! row `l` of `B` and column band `j`, `(B_j·r_j)_l`, `Σ|B_lc|` over the band, and
 //! `max |B_lc|` over the row (the `W` matrix, `k × (2J+1)`); a pass over `A` gives, per row
-//! band `i`, `X_i = A_i·W` and `Σ_l |A_il|` (with `|A_i|` for the bound columns): every tile of that band's
-//! expected `A_i·B_j·r_j` and its bounds; a pass over C gives each of its tiles' `C_ij·r_j`.
+//! band `i`, `X_i = A_i·W` and `Σ_l |A_il|` (with `|A_i|` for the bound columns): every
+//! tile of that band's expected `A_i·B_j·r_j` and its bounds; a pass over C gives each of
+//! its tiles' `C_ij·r_j`.
 //! A tile's own check is then one pass over its result: `O(m·n)`. Where B's rows carry
 //! similar weight (each bound column within a factor of two), the bound columns of `X` are
 //! replaced by `Σ_l |A_il|` times the column's largest entry: an upper bound at most twice
@@ -29,11 +30,11 @@
 //! memory. `cargo xtask bench verify` measures it as a share of the job's compute.
 //!
 //! Each pass reads the job's bytes in place (never copied): on x86_64 with AVX-512F,
-//! `A_i·W` takes four rows of A against up to six columns of W in 512-bit registers, and
-//! the row passes keep four vectors per sum, so no chain of dependent adds holds them up;
-//! f64 jobs are summed in f64, f32 jobs in f32 (16 lanes a vector, no conversions; see
-//! "f32 passes"). AVX2 and other targets take the portable loops, which the compiler
-//! vectorises, widening f32 to f64.
+//! `A_i·W` takes four rows of A (three in f32) against up to six columns of W in 512-bit
+//! registers, and the row passes keep four vectors per sum, so no chain of dependent adds
+//! holds them up; f64 jobs are summed in f64, f32 jobs in f32 (16 lanes a vector, no
+//! conversions; see "f32 passes"). AVX2 and other targets take the portable loops, which
+//! the compiler vectorises, widening f32 to f64.
 //!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
 //! larger than twice the tolerance is always found, and errors that cancel for one draw
@@ -1002,7 +1003,15 @@ fn times<T: Element, const ABS: bool>(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { times_avx512::<T, ABS>(a, k, (w, w32), out, (width, offset), sum_at) };
+        return unsafe {
+            if w32.is_some() && T::F32 {
+                // Three rows at a time: with four, the accumulators, rows and `|row|`s of
+                // the f32 block take more than the 32 registers and spill.
+                times_avx512::<T, ABS, 3>(a, k, (w, w32), out, (width, offset), sum_at)
+            } else {
+                times_avx512::<T, ABS, 4>(a, k, (w, w32), out, (width, offset), sum_at)
+            }
+        };
     }
     let _ = w32;
     times_portable::<T, ABS>(a, k, w, out, (width, offset), sum_at)
@@ -1037,13 +1046,13 @@ fn times_portable<T: Element, const ABS: bool>(
     }
 }
 
-/// [`times`] four rows at a time, against up to six columns of `w` in 512-bit registers:
-/// each element of `w` loaded once for four products, each of `A` widened once for six.
+/// [`times`] `R` rows at a time, against up to six columns of `w` in 512-bit registers:
+/// each element of `w` loaded once for `R` products, each of `A` widened once for six.
 /// (Cutting `k` into L1-sized stretches of `w` was tried: slower, the rows of `A` then
 /// stream in pieces.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn times_avx512<T: Element, const ABS: bool>(
+unsafe fn times_avx512<T: Element, const ABS: bool, const R: usize>(
     a: &[T],
     k: usize,
     (w, w32): (&[f64], Option<&[f32]>),
@@ -1051,7 +1060,6 @@ unsafe fn times_avx512<T: Element, const ABS: bool>(
     (width, offset): (usize, usize),
     sum_at: Option<usize>,
 ) {
-    const R: usize = 4;
     let columns = w.len() / k;
     let rows = a.len() / k;
     let w32 = w32.filter(|_| T::F32);
