@@ -205,7 +205,7 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     // layout: one copy, no per-element work. This sits on every operand and result path.
     #[cfg(target_endian = "little")]
     {
-        bytemuck::pod_collect_to_vec(whole)
+        copied(whole)
     }
     #[cfg(not(target_endian = "little"))]
     {
@@ -221,7 +221,7 @@ pub fn f64s(bytes: &[u8]) -> Vec<f64> {
     let whole = &bytes[..bytes.len() / 8 * 8];
     #[cfg(target_endian = "little")]
     {
-        bytemuck::pod_collect_to_vec(whole)
+        copied(whole)
     }
     #[cfg(not(target_endian = "little"))]
     {
@@ -230,6 +230,24 @@ pub fn f64s(bytes: &[u8]) -> Vec<f64> {
             .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             .collect()
     }
+}
+
+/// `bytes` (a whole number of `T`s, any alignment) copied into a new `Vec<T>`: one
+/// `memcpy` into fresh memory, without first zeroing it (`bytemuck::pod_collect_to_vec`
+/// does, which for an 8 MB panel costs about as much as the copy).
+#[cfg(target_endian = "little")]
+fn copied<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    let len = bytes.len() / size;
+    let mut out = Vec::<T>::with_capacity(len);
+    // SAFETY: the capacity holds `len` Ts, `len · size` bytes, all of them written here from
+    // `bytes` (which has at least that many, and cannot overlap a fresh allocation) before
+    // the length is set; every bit pattern is a valid `T` (`Pod`).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), len * size);
+        out.set_len(len);
+    }
+    out
 }
 
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -269,6 +287,26 @@ mod tests {
             m.to_f64_vec()[..8],
             [0.0, 1.0, 5.0, 6.0, 4.0, 5.0, 9.0, 10.0]
         );
+    }
+
+    /// Decoding reads every element at any alignment, ignores a trailing partial one, and
+    /// round-trips through the byte writers.
+    #[test]
+    fn decoding_reads_misaligned_bytes_and_ignores_a_partial_element() {
+        let f32_values: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let f64_values: Vec<f64> = (0..29).map(|i| f64::from(i) * 0.25 - 2.0).collect();
+        for shift in 0..8 {
+            let mut buffer = vec![0xAAu8; shift];
+            buffer.extend_from_slice(&f32_bytes(&f32_values));
+            buffer.push(0x55);
+            assert_eq!(f32s(&buffer[shift..]), f32_values, "shift {shift}");
+            let mut buffer = vec![0xAAu8; shift];
+            buffer.extend_from_slice(&f64_bytes(&f64_values));
+            buffer.extend_from_slice(&[1, 2, 3]);
+            assert_eq!(f64s(&buffer[shift..]), f64_values, "shift {shift}");
+        }
+        assert!(f32s(&[1, 2, 3]).is_empty());
+        assert!(f64s(&[]).is_empty());
     }
 
     #[test]

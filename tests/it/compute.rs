@@ -94,7 +94,14 @@ pub(crate) async fn run_case(c: &Coordinator, bearer: &str, case: &Case, seed: u
         let response = c.get_npy(&path, bearer).await;
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "application/x-npy");
-        let ((rows, cols), values) = read_npy(&response.bytes().await.unwrap());
+        let length: usize = response.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let bytes = response.bytes().await.unwrap();
+        assert_eq!(bytes.len(), length);
+        let ((rows, cols), values) = read_npy(&bytes);
         assert_eq!((rows, cols), (m, n));
         values
     } else {
