@@ -1538,71 +1538,61 @@ mod tests {
     fn sums_that_overflow_f32_are_checked_in_f64() {
         let mut rng = StdRng::seed_from_u64(13);
         let (m, n, k) = (6, 256, 2);
-        let a = vec![1.0f32; m * k];
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| if i % 3 == 0 { -1e36 } else { 1e36 })
-            .collect();
-        let mut out = vec![0.0f32; m * n];
-        gemm_portable(
-            1.0,
-            MatRef::row_major(&a, m, k).unwrap(),
-            MatRef::row_major(&b, k, n).unwrap(),
-            0.0,
-            MatMut::row_major(&mut out, m, n).unwrap(),
-        )
-        .unwrap();
-        assert!(out.iter().all(|v| v.is_finite()));
-        // Σ_q |B_lq| is 2.56e38 per row: finite in f32, but not once times Σ_l |A_il|.
-        let (a, b) = (f32_bytes(&a), f32_bytes(&b));
-        let tile = Tile {
-            dtype: Dtype::F32,
-            m,
-            n,
-            k,
-            alpha: 1.0,
-            beta: 0.0,
-            a: &a,
-            b: &b,
-            c: None,
-        };
-        for narrow in [false, true] {
-            assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, narrow), Ok(()));
-            let mut wrong = out.clone();
-            // Far above the tolerance (about 4·10³¹ here), far below the values.
-            wrong[3 * n + 100] += 1e35;
-            let err =
-                check_on(&tile, &f32_bytes(&wrong), &mut rng, narrow).expect_err("a wrong element");
-            assert_eq!(err.row, 3, "{err}");
-        }
-        // Entries of B near f32's largest: a lane's sum over a row of B, and W, overflow
-        // f32 (though A·B does not: the rows of A are (1, -1)).
-        let b: Vec<f32> = (0..k * n).map(|_| 2e38).collect();
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
-            .collect();
-        let mut out = vec![0.0f32; m * n];
-        gemm_portable(
-            1.0,
-            MatRef::row_major(&a, m, k).unwrap(),
-            MatRef::row_major(&b, k, n).unwrap(),
-            0.0,
-            MatMut::row_major(&mut out, m, n).unwrap(),
-        )
-        .unwrap();
-        let (a, b) = (f32_bytes(&a), f32_bytes(&b));
-        let tile = Tile {
-            a: &a,
-            b: &b,
-            ..tile
-        };
-        for narrow in [false, true] {
-            assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, narrow), Ok(()));
-            let mut wrong = out.clone();
-            // The tolerance is about 2·10³⁴ here.
-            wrong[2 * n + 7] += 1e36;
-            let err =
-                check_on(&tile, &f32_bytes(&wrong), &mut rng, narrow).expect_err("a wrong element");
-            assert_eq!(err.row, 2, "{err}");
+        // A, B, and the element made wrong with what is added to it: far above the
+        // tolerance, far below the values.
+        let cases: [(Vec<f32>, Vec<f32>, usize, f32); 2] = [
+            // Σ_q |B_lq| is 2.56e38 per row: near f32's largest (tolerance about 4·10³¹).
+            (
+                vec![1.0; m * k],
+                (0..k * n)
+                    .map(|i| if i % 3 == 0 { -1e36 } else { 1e36 })
+                    .collect(),
+                3 * n + 100,
+                1e35,
+            ),
+            // Entries of B near f32's largest: a lane's sum over a row of B, and W,
+            // overflow f32, though A·B does not: the rows of A are (1, -1) (tolerance
+            // about 2·10³⁴).
+            (
+                (0..m * k)
+                    .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+                    .collect(),
+                vec![2e38; k * n],
+                2 * n + 7,
+                1e36,
+            ),
+        ];
+        for (a, b, at, bump) in cases {
+            let mut out = vec![0.0f32; m * n];
+            gemm_portable(
+                1.0,
+                MatRef::row_major(&a, m, k).unwrap(),
+                MatRef::row_major(&b, k, n).unwrap(),
+                0.0,
+                MatMut::row_major(&mut out, m, n).unwrap(),
+            )
+            .unwrap();
+            assert!(out.iter().all(|v| v.is_finite()));
+            let (a, b) = (f32_bytes(&a), f32_bytes(&b));
+            let tile = Tile {
+                dtype: Dtype::F32,
+                m,
+                n,
+                k,
+                alpha: 1.0,
+                beta: 0.0,
+                a: &a,
+                b: &b,
+                c: None,
+            };
+            for narrow in [false, true] {
+                assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, narrow), Ok(()));
+                let mut wrong = out.clone();
+                wrong[at] += bump;
+                let err = check_on(&tile, &f32_bytes(&wrong), &mut rng, narrow)
+                    .expect_err("a wrong element");
+                assert_eq!(err.row, at / n, "{err}");
+            }
         }
     }
 
