@@ -85,10 +85,10 @@
 //! `A_i·W` (chains of `c_k`), `T·r` and `C·r` (`c_n` each). With `c_n = ⌈n/64⌉ + 2` (four
 //! vectors folded at the end) and `c_k = ⌈k/16⌉`, each capped at 64 + 2 and 64, the check
 //! adds `1.01·(3·c_n + c_k + 1)·2⁻²⁴·S_i` to the tolerance and inflates `S_i` and `M_i`
-//! by the same factor (their own sums were f32). For an f32 tile 256 wide and k = 1024
-//! that is at most 7 % of the tolerance (where `M_i` is as small as it can be, `S_i/n`),
-//! less with larger k. A row whose f32 sums overflow (magnitudes near 10³⁸, where f64 would
-//! not) is done again in f64.
+//! by the same factor (their own sums were f32). For an f32 tile 256 wide that is at most
+//! 8 % of the tolerance at k = 1024 (where `M_i` is as small as it can be, `S_i/n`), 2 % at
+//! k = 4096, 14 % at k = 256 and 35 % at k = 64. A row whose f32 sums overflow
+//! (magnitudes near 10³⁸, where f64 would not) is done again in f64.
 //!
 //! # Underflow
 //!
