@@ -119,56 +119,50 @@ fn cut(dtype: Dtype, plan: TilePlan, a: &Matrix, b: &Matrix, c: &Matrix) -> Cut 
 /// What the coordinator does to a job's bytes with or without checking: hashes every
 /// panel (content keys) and every result (checksums); with `check`, builds the job's
 /// `JobCheck` from the panels as they are hashed and checks every result as it is hashed,
-/// as `grid::PreparedJob` and the socket task do. Returns the seconds it took.
-fn handle(dtype: Dtype, job: &Cut, check: bool) -> f64 {
+/// as `grid::PreparedJob` and the socket task do. Returns the seconds each part took: B's
+/// panels, A's, the results.
+fn handle(dtype: Dtype, job: &Cut, check: bool) -> [f64; 3] {
     let plan = job.plan;
     let size = dtype.size();
     let k = plan.k as usize;
+    let mut from_b =
+        check.then(|| verify::JobCheck::begin(dtype, 1.0, 0.0, plan, &mut rand::rng()));
     let start = Instant::now();
-    if !check {
-        for (j, panel) in job.b.iter().enumerate() {
-            let mut hasher = blake3::Hasher::new();
-            verify::hash_rows(
-                &mut hasher,
-                panel,
-                plan.cols(j as u32).len() * size,
-                |_, _| {},
-            );
-            std::hint::black_box(hasher.finalize());
-        }
-        for panel in &job.a {
-            let mut hasher = blake3::Hasher::new();
-            verify::hash_rows(&mut hasher, panel, k * size, |_, _| {});
-            std::hint::black_box(hasher.finalize());
-        }
-        for (_, tile, sum) in &job.tiles {
-            assert_eq!(tabgrid_shared::protocol::checksum(tile), *sum);
-        }
-        return start.elapsed().as_secs_f64();
-    }
-    let mut from_b = verify::JobCheck::begin(dtype, 1.0, 0.0, plan, &mut rand::rng());
     for (j, panel) in job.b.iter().enumerate() {
         let mut hasher = blake3::Hasher::new();
         let row_bytes = plan.cols(j as u32).len() * size;
         verify::hash_rows(&mut hasher, panel, row_bytes, |first, rows| {
-            from_b.rows_of_b(j as u32, first, rows)
+            if let Some(check) = from_b.as_mut() {
+                check.rows_of_b(j as u32, first, rows)
+            }
         });
         std::hint::black_box(hasher.finalize());
     }
-    let mut from_a = from_b.then_a();
+    let b = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut from_a = from_b.map(verify::FromB::then_a);
     for (i, panel) in job.a.iter().enumerate() {
         let mut hasher = blake3::Hasher::new();
         verify::hash_rows(&mut hasher, panel, k * size, |first, rows| {
-            from_a.rows_of_a(i as u32, first, rows)
+            if let Some(check) = from_a.as_mut() {
+                check.rows_of_a(i as u32, first, rows)
+            }
         });
         std::hint::black_box(hasher.finalize());
     }
-    let check = from_a.finish();
+    let check = from_a.map(verify::FromA::finish);
+    let a = start.elapsed().as_secs_f64();
+    let start = Instant::now();
     for (tile, result, sum) in &job.tiles {
-        let (ok, verdict) = check.check_hashed(*tile, result, *sum);
-        assert!(ok && verdict == Some(Ok(())), "an honest tile passes");
+        match &check {
+            Some(check) => {
+                let (ok, verdict) = check.check_hashed(*tile, result, *sum);
+                assert!(ok && verdict == Some(Ok(())), "an honest tile passes");
+            }
+            None => assert_eq!(tabgrid_shared::protocol::checksum(result), *sum),
+        }
     }
-    start.elapsed().as_secs_f64()
+    [b, a, start.elapsed().as_secs_f64()]
 }
 
 /// The check on its own, from the panels in memory (no hashing to share its passes with):
@@ -207,10 +201,11 @@ fn main() {
             .join(","),
         dtypes.join(",")
     );
+    println!("check's passes in {}", verify::passes_here());
     println!(
-        "\n| n | dtype | tiles | compute, 1 thread (s) | hashing alone (s) | hashing + check (s) | **overhead** | check alone, unshared (s) | its overhead | replication |"
+        "\n| n | dtype | tiles | compute, 1 thread (s) | hashing alone (s) | hashing + check (s) | **overhead** | of which B / A / results | check alone, unshared (s) | its overhead | replication |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         for dtype in [Dtype::F32, Dtype::F64] {
             if !dtypes.contains(&dtype.name()) {
@@ -231,25 +226,32 @@ fn main() {
                 TilePlan::with_edge(n as u32, n as u32, n as u32, dtype, PREFERRED_EDGE).unwrap();
             let (mut computes, mut plain, mut checked, mut extra, mut unshared) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut parts = [Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..reps {
                 let (c, seconds) = compute(dtype, n, &a, &b);
                 computes.push(seconds);
                 let job = cut(dtype, plan, &a, &b, &c);
                 let without = handle(dtype, &job, false);
                 let with = handle(dtype, &job, true);
-                plain.push(without);
-                checked.push(with);
-                extra.push((with - without) / seconds);
+                let total = |parts: [f64; 3]| parts.iter().sum::<f64>();
+                plain.push(total(without));
+                checked.push(total(with));
+                extra.push((total(with) - total(without)) / seconds);
+                for (part, (with, without)) in parts.iter_mut().zip(with.iter().zip(without)) {
+                    part.push((with - without) / seconds);
+                }
                 unshared.push(alone(dtype, &job) / seconds);
             }
+            let parts = parts.map(|part| format!("{:.2}", 100.0 * median(part)));
             println!(
-                "| {n} | {} | {} | {:.3} | {:.4} | {:.4} | **{:.2} %** | {:.4} | {:.2} % | 100 % |",
+                "| {n} | {} | {} | {:.3} | {:.4} | {:.4} | **{:.2} %** | {} % | {:.4} | {:.2} % | 100 % |",
                 dtype.name(),
                 plan.tile_count(),
                 median(computes.clone()),
                 median(plain),
                 median(checked),
                 100.0 * median(extra),
+                parts.join(" / "),
                 median(unshared.clone()) * median(computes),
                 100.0 * median(unshared),
             );

@@ -30,11 +30,16 @@
 //! memory. `cargo xtask bench verify` measures it as a share of the job's compute.
 //!
 //! Each pass reads the job's bytes in place (never copied): on x86_64 with AVX-512F,
-//! `A_i·W` takes four rows of A (three in f32) against up to six columns of W in 512-bit
+//! `A_i·W` takes four rows of A (three in f32) against up to six columns of W in vector
 //! registers, and the row passes keep four vectors per sum, so no chain of dependent adds
-//! holds them up; f64 jobs are summed in f64, f32 jobs in f32 (16 lanes a vector, no
-//! conversions; see "f32 passes"). AVX2 and other targets take the portable loops, which
-//! the compiler vectorises, widening f32 to f64.
+//! holds them up; f64 jobs are summed in f64, f32 jobs in f32 (no conversions; see "f32
+//! passes"). On Intel CPUs the registers are 256-bit ones (32 of them with AVX-512VL),
+//! elsewhere 512-bit ([`Registers`]): between BLAKE3's passes over the same bytes, Intel
+//! cores lower their clock for heavy 512-bit arithmetic (BLAKE3's is light), and on the
+//! Intel VM of 2026-12-07 the check in 256-bit registers cost 30 % less at n = 1024
+//! (BENCHMARKS.md).
+//! AVX2 and other targets take the portable loops, which the compiler vectorises,
+//! widening f32 to f64.
 //!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
 //! larger than twice the tolerance is always found, and errors that cancel for one draw
@@ -82,13 +87,15 @@
 //! whose lanes run `c` terms in f32 errs by at most `γ_c = c·2⁻²⁴/(1 − c·2⁻²⁴)` of the sum
 //! of its terms' magnitudes, and every such sum is bounded by the row's `S_i` (with
 //! `|r| ≤ 1`): `W` (chains of `c_n`, `n` the tile width), its rounding to f32 (one `2⁻²⁴`),
-//! `A_i·W` (chains of `c_k`), `T·r` and `C·r` (`c_n` each). With `c_n = ⌈n/64⌉ + 2` (four
-//! vectors folded at the end) and `c_k = ⌈k/16⌉`, each capped at 64 + 2 and 64, the check
-//! adds `1.01·(3·c_n + c_k + 1)·2⁻²⁴·S_i` to the tolerance and inflates `S_i` and `M_i`
-//! by the same factor (their own sums were f32). For an f32 tile 256 wide that is at most
-//! 8 % of the tolerance at k = 1024 (where `M_i` is as small as it can be, `S_i/n`), 2 % at
-//! k = 4096, 14 % at k = 256 and 35 % at k = 64. A row whose f32 sums overflow
-//! (magnitudes near 10³⁸, where f64 would not) is done again in f64.
+//! `A_i·W` (chains of `c_k`), `T·r` and `C·r` (`c_n` each). With `v` f32 lanes a vector
+//! (16 in 512-bit registers, 8 in 256-bit ones), `c_n = ⌈n/4v⌉ + 2` (four vectors folded
+//! at the end) and `c_k = ⌈k/v⌉`, each capped at 64 + 2 and 64, the check adds
+//! `1.01·(3·c_n + c_k + 1)·2⁻²⁴·S_i` to the tolerance and inflates `S_i` and `M_i` by the
+//! same factor (their own sums were f32). For an f32 tile 256 wide that is at most 8 % of
+//! the tolerance at k = 1024 (where `M_i` is as small as it can be, `S_i/n`), 2 % at
+//! k = 4096, 14 % at k = 256 and 35 % at k = 64 in 512-bit registers; in 256-bit ones 9 %,
+//! 2 %, 25 % and 60 %. A row whose f32 sums overflow (magnitudes near 10³⁸, where f64
+//! would not) is done again in f64.
 //!
 //! # Underflow
 //!
@@ -144,15 +151,15 @@ impl std::fmt::Display for Mismatch {
 
 /// Checks one tile on its own (a job of one tile).
 pub fn check(tile: &Tile<'_>, result: &[u8], rng: &mut impl rand::Rng) -> Result<(), Mismatch> {
-    check_on(tile, result, rng, narrow_path(tile.dtype))
+    check_on(tile, result, rng, Passes::here(tile.dtype))
 }
 
-/// [`check`], with the f32 passes or not.
+/// [`check`], its passes run as `passes` says.
 fn check_on(
     tile: &Tile<'_>,
     result: &[u8],
     rng: &mut impl rand::Rng,
-    narrow: bool,
+    passes: Passes,
 ) -> Result<(), Mismatch> {
     let plan = TilePlan::new(
         tile.m as u32,
@@ -173,7 +180,7 @@ fn check_on(
             c: c.as_deref(),
         },
         rng,
-        narrow,
+        passes,
     );
     job.check((0, 0), result)
 }
@@ -234,6 +241,8 @@ pub struct JobCheck {
     plan: TilePlan,
     /// One entry per result column, each exactly an f32.
     r: Vec<f64>,
+    /// The vector registers the passes use, if any (else the portable loops).
+    registers: Option<Registers>,
     /// Whether this f32 job's passes run in f32 arithmetic (see "f32 passes" in the
     /// module docs); `r32` is then `r` as f32s, else empty.
     narrow: bool,
@@ -295,20 +304,20 @@ impl JobCheck {
         plan: TilePlan,
         rng: &mut impl rand::Rng,
     ) -> FromB {
-        JobCheck::begin_on(dtype, alpha, beta, plan, rng, narrow_path(dtype))
+        JobCheck::begin_on(dtype, alpha, beta, plan, rng, Passes::here(dtype))
     }
 
-    /// [`JobCheck::begin`], with the f32 passes or not (`narrow`, for f32 jobs on CPUs
-    /// with AVX-512F).
+    /// [`JobCheck::begin`], its passes run as `passes` says.
     fn begin_on(
         dtype: Dtype,
         alpha: f64,
         beta: f64,
         plan: TilePlan,
         rng: &mut impl rand::Rng,
-        narrow: bool,
+        passes: Passes,
     ) -> FromB {
-        let narrow = narrow && dtype == Dtype::F32 && narrow_path(dtype);
+        let registers = passes.registers.filter(|registers| registers.here_too());
+        let narrow = passes.narrow && dtype == Dtype::F32 && registers.is_some();
         let r: Vec<f64> = (0..plan.n)
             .map(|_| {
                 // Exactly an f32, so that the f32 passes use `r` itself.
@@ -333,6 +342,7 @@ impl JobCheck {
                 beta,
                 plan,
                 r,
+                registers,
                 narrow,
                 r32,
                 columns: Columns {
@@ -356,10 +366,10 @@ impl JobCheck {
         panels: Panels<'_>,
         rng: &mut impl rand::Rng,
     ) -> JobCheck {
-        JobCheck::from_panels_on(dtype, alpha, beta, plan, panels, rng, narrow_path(dtype))
+        JobCheck::from_panels_on(dtype, alpha, beta, plan, panels, rng, Passes::here(dtype))
     }
 
-    /// [`JobCheck::from_panels`], with the f32 passes or not.
+    /// [`JobCheck::from_panels`], its passes run as `passes` says.
     fn from_panels_on(
         dtype: Dtype,
         alpha: f64,
@@ -367,10 +377,10 @@ impl JobCheck {
         plan: TilePlan,
         Panels { a, b, c }: Panels<'_>,
         rng: &mut impl rand::Rng,
-        narrow: bool,
+        passes: Passes,
     ) -> JobCheck {
         let beta = if c.is_some() { beta } else { 0.0 };
-        let mut check = JobCheck::begin_on(dtype, alpha, beta, plan, rng, narrow);
+        let mut check = JobCheck::begin_on(dtype, alpha, beta, plan, rng, passes);
         for (j, panel) in b.iter().enumerate() {
             check.rows_of_b(j as u32, 0, panel);
         }
@@ -443,7 +453,14 @@ impl JobCheck {
     fn got<T: Element>(&self, (_, j): (u32, u32), rows: &[u8], got: &mut Vec<Stats>) {
         let cols = self.plan.cols(j);
         let (r, r32) = self.r_of(cols.clone());
-        row_stats::<T, true>(&elements::<T>(rows), cols.len(), r, r32, got);
+        row_stats::<T, true>(
+            self.registers,
+            &elements::<T>(rows),
+            cols.len(),
+            r,
+            r32,
+            got,
+        );
     }
 
     /// `r` over `cols`, and as f32s when the passes are narrow.
@@ -485,7 +502,8 @@ impl JobCheck {
         // The f32 passes' own rounding (see "f32 passes"), on top of the f64 one.
         let mut inflate = 1.0;
         if self.narrow {
-            let (c_n, c_k) = (narrow_chain(n, 64) + 2, narrow_chain(k, 16));
+            let lanes = self.registers.map_or(1, Registers::f32_lanes);
+            let (c_n, c_k) = (narrow_chain(n, 4 * lanes) + 2, narrow_chain(k, lanes));
             let narrow = 1.01 * (3 * c_n + c_k + 1) as f64 * unit;
             own += narrow;
             inflate += narrow;
@@ -554,7 +572,8 @@ impl FromB {
         let rows = (values.len() / n).min(k.saturating_sub(first));
         let mut stats = Vec::with_capacity(rows);
         let (r, r32) = job.r_of(cols.clone());
-        row_stats::<T, false>(&values[..rows * n], cols.len(), r, r32, &mut stats);
+        let values = &values[..rows * n];
+        row_stats::<T, false>(job.registers, values, cols.len(), r, r32, &mut stats);
         let w = &mut job.columns.w;
         for (l, &(dot, sum, max)) in stats.iter().enumerate() {
             let l = first + l;
@@ -630,10 +649,18 @@ impl FromA {
         let narrow = |range: std::ops::RangeFrom<usize>| job.narrow.then(|| &w32[range]);
         // The signed columns, with `Σ|A_il|` beside them.
         let signed = (&w[..bands * k], narrow(0..).map(|w32| &w32[..bands * k]));
-        times::<T, false>(values, k, signed, x, (width, 0), Some(bands));
+        times::<T, false>(job.registers, values, k, signed, x, (width, 0), Some(bands));
         if job.columns.balanced.is_none() {
             let bounds = (&w[bands * k..], narrow(bands * k..));
-            times::<T, true>(values, k, bounds, x, (width, bands + 1), None);
+            times::<T, true>(
+                job.registers,
+                values,
+                k,
+                bounds,
+                x,
+                (width, bands + 1),
+                None,
+            );
         }
     }
 
@@ -647,7 +674,8 @@ impl FromA {
         let range = cols.start as usize..cols.end as usize;
         let (r, r32) = (&job.r[range.clone()], job.narrow.then(|| &job.r32[range]));
         debug_assert_eq!(stats.len(), first, "C's rows come in order");
-        row_stats::<T, false>(&elements::<T>(bytes), cols.len(), r, r32, stats);
+        let values = elements::<T>(bytes);
+        row_stats::<T, false>(job.registers, &values, cols.len(), r, r32, stats);
     }
 
     pub fn finish(self) -> JobCheck {
@@ -710,9 +738,11 @@ fn madd<const FMA: bool>(acc: f64, a: f64, b: f64) -> f64 {
 }
 
 /// Appends `(Σ x·r, Σ |x|, max |x|)` of every row `x` of `rows` (`width` elements each)
-/// to `out`, compiled for the widest vector unit this CPU has. `DOT_ONLY`: `Σ x·r` alone,
-/// the rest 0. With `r32` (`r` as f32s) and f32 rows, on AVX-512F, in f32 arithmetic.
+/// to `out`: in `registers` where given (and this CPU has them), else compiled for the
+/// widest vector unit this CPU has, in f64. `DOT_ONLY`: `Σ x·r` alone, the rest 0. With
+/// `r32` (`r` as f32s), registers and f32 rows, in f32 arithmetic.
 fn row_stats<T: Element, const DOT_ONLY: bool>(
+    registers: Option<Registers>,
     rows: &[T],
     width: usize,
     r: &[f64],
@@ -721,17 +751,20 @@ fn row_stats<T: Element, const DOT_ONLY: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        let fma = std::arch::is_x86_feature_detected!("fma");
-        if fma && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked just above.
-            return unsafe { avx512::row_stats::<T, DOT_ONLY>(rows, width, r, r32, out) };
+        if let Some(registers) = registers.filter(|registers| registers.here_too()) {
+            // SAFETY: the CPU has what `registers` need (AVX-512F, AVX-512VL, AVX2 and
+            // FMA), checked just above.
+            return unsafe {
+                avx512::row_stats::<T, DOT_ONLY>(registers, rows, width, r, r32, out)
+            };
         }
-        if fma && std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+        {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
             return unsafe { row_stats_avx2::<T, DOT_ONLY>(rows, width, r, out) };
         }
     }
-    let _ = r32;
+    let _ = (registers, r32);
     row_stats_lanes::<T, { cfg!(target_arch = "aarch64") }, 8, DOT_ONLY>(rows, width, r, out)
 }
 
@@ -807,9 +840,11 @@ fn fold<const L: usize>(mut lanes: [f64; L], op: impl Fn(f64, f64) -> f64) -> f6
 
 /// `out[t·width + offset + c] = Σ_l f(A_tl)·w[c·k + l]` for every row `t` of `a` (`k`
 /// elements each) and every column `c` of `w`, where `f` is `|·|` when `ABS`; with
-/// `sum_at`, also `out[t·width + sum_at] = Σ_l |A_tl|`. With `w32` (`w` rounded to f32)
-/// and f32 rows, on AVX-512F, in f32 arithmetic.
+/// `sum_at`, also `out[t·width + sum_at] = Σ_l |A_tl|`. In `registers` where given (and
+/// this CPU has them), else a row at a time in f64; with `w32` (`w` rounded to f32),
+/// registers and f32 rows, in f32 arithmetic.
 fn times<T: Element, const ABS: bool>(
+    registers: Option<Registers>,
     a: &[T],
     k: usize,
     (w, w32): (&[f64], Option<&[f32]>),
@@ -821,12 +856,12 @@ fn times<T: Element, const ABS: bool>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has AVX-512F and FMA, checked just above; `k > 0`.
-        return unsafe { avx512::times::<T, ABS>(a, k, (w, w32), out, (width, offset), sum_at) };
+    if let Some(registers) = registers.filter(|registers| registers.here_too()) {
+        let (ws, at) = ((w, w32), (width, offset));
+        // SAFETY: the CPU has what `registers` need, checked just above; `k > 0`.
+        return unsafe { avx512::times::<T, ABS>(registers, a, k, ws, out, at, sum_at) };
     }
-    let _ = w32;
+    let _ = (registers, w32);
     times_portable::<T, ABS>(a, k, w, out, (width, offset), sum_at)
 }
 
@@ -853,7 +888,7 @@ fn times_portable<T: Element, const ABS: bool>(
         dots(&x, w, &mut out[t * width + offset..][..columns]);
         if let Some(at) = sum_at {
             stats.clear();
-            row_stats::<T, false>(row, k, &w[..k], None, &mut stats);
+            row_stats::<T, false>(None, row, k, &w[..k], None, &mut stats);
             out[t * width + at] = stats[0].1;
         }
     }
@@ -872,15 +907,124 @@ fn narrow_chain(len: usize, step: usize) -> usize {
     len.div_ceil(step).min(NARROW_CHAIN)
 }
 
-/// Whether an f32 job's passes can run in f32 arithmetic here (AVX-512F and FMA).
-fn narrow_path(dtype: Dtype) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if dtype == Dtype::F32 {
-        return std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma");
+/// The vector registers the x86_64 passes use (see "What it costs"). Both need AVX-512F
+/// and FMA; 256-bit ones also AVX-512VL, for 32 of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Registers {
+    /// 512-bit.
+    Zmm,
+    /// 256-bit.
+    Ymm,
+}
+
+impl Registers {
+    /// The ones the check uses on this CPU, if any: 256-bit on Intel's (see "What it
+    /// costs"), 512-bit on others'.
+    fn here() -> Option<Registers> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static HERE: std::sync::OnceLock<Option<Registers>> = std::sync::OnceLock::new();
+            *HERE.get_or_init(|| {
+                // The vendor, "GenuineIntel", in leaf 0's EBX, EDX, ECX.
+                let id = std::arch::x86_64::__cpuid(0);
+                let intel = [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e];
+                let preferred = if intel {
+                    Registers::Ymm
+                } else {
+                    Registers::Zmm
+                };
+                [preferred, Registers::Zmm]
+                    .into_iter()
+                    .find(|registers| registers.here_too())
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
     }
-    let _ = dtype;
-    false
+
+    /// Whether this CPU has what these registers need.
+    fn here_too(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let base = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            match self {
+                Registers::Zmm => base,
+                Registers::Ymm => base && std::arch::is_x86_feature_detected!("avx512vl"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Registers::Zmm => "512-bit registers",
+            Registers::Ymm => "256-bit registers",
+        }
+    }
+
+    /// f32 lanes a vector holds.
+    fn f32_lanes(self) -> usize {
+        match self {
+            Registers::Zmm => 16,
+            Registers::Ymm => 8,
+        }
+    }
+}
+
+/// What the check's passes run in on this CPU: "512-bit registers", "256-bit registers"
+/// or "portable loops" (see "What it costs").
+pub fn passes_here() -> &'static str {
+    Registers::here().map_or("portable loops", Registers::name)
+}
+
+/// How a job's check runs its passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Passes {
+    /// `None`: the portable loops (AVX2 where the CPU has it), in f64.
+    registers: Option<Registers>,
+    /// An f32 job's passes in f32 arithmetic (with registers only; see "f32 passes").
+    narrow: bool,
+}
+
+impl Passes {
+    /// The fastest this CPU has for `dtype`.
+    fn here(dtype: Dtype) -> Passes {
+        let registers = Registers::here();
+        Passes {
+            registers,
+            narrow: dtype == Dtype::F32 && registers.is_some(),
+        }
+    }
+
+    /// Every way this CPU can run a `dtype` job's passes: the portable loops, then each
+    /// kind of registers it has, in f64 and (for f32) in f32.
+    #[cfg(test)]
+    fn all(dtype: Dtype) -> Vec<Passes> {
+        let mut all = vec![Passes {
+            registers: None,
+            narrow: false,
+        }];
+        for registers in [Registers::Zmm, Registers::Ymm] {
+            if !registers.here_too() {
+                continue;
+            }
+            let narrow: &[bool] = match dtype {
+                Dtype::F32 => &[false, true],
+                Dtype::F64 => &[false],
+            };
+            all.extend(narrow.iter().map(|&narrow| Passes {
+                registers: Some(registers),
+                narrow,
+            }));
+        }
+        all
+    }
 }
 
 /// `out[c] = Σ_l x_l·w[c·k + l]` for every column `c` of `w` (`out.len()` columns of
@@ -1130,11 +1274,11 @@ mod tests {
                 for dtype in [Dtype::F32, Dtype::F64] {
                     for portable in [false, true] {
                         let case = Case::new(dtype, shape, seed * 31 + s as u64, portable);
-                        for narrow in [false, true] {
+                        for passes in Passes::all(dtype) {
                             assert_eq!(
-                                check_on(&case.tile(), &case.result, &mut rng, narrow),
+                                check_on(&case.tile(), &case.result, &mut rng, passes),
                                 Ok(()),
-                                "{dtype} {shape:?} seed {seed} portable {portable} narrow {narrow}"
+                                "{dtype} {shape:?} seed {seed} portable {portable} {passes:?}"
                             );
                         }
                     }
@@ -1186,7 +1330,7 @@ mod tests {
             case.beta = 0.0;
             case.result = bytes(&out);
             let plan = TilePlan::new(m as u32, n as u32, k as u32, m as u32, n as u32);
-            for narrow in [false, true] {
+            for passes in Passes::all(dtype) {
                 let check = JobCheck::from_panels_on(
                     dtype,
                     case.alpha,
@@ -1198,7 +1342,7 @@ mod tests {
                         c: None,
                     },
                     &mut rng,
-                    narrow,
+                    passes,
                 );
                 assert!(check.columns.balanced.is_none());
                 assert_eq!(check.check((0, 0), &case.result), Ok(()), "{dtype}");
@@ -1263,22 +1407,24 @@ mod tests {
                 let w = &w;
                 #[derive(Clone, Copy, Debug, PartialEq)]
                 enum Path {
-                    Here,
+                    /// The plain loops, with no vector unit in mind.
                     Portable,
-                    Narrow,
+                    Passes(Passes),
                 }
-                // The path this CPU takes, the portable one (what CPUs without AVX-512
-                // take), and the f32 one.
-                let mut inputs = vec![
-                    (&bytes[..], Path::Here),
-                    (&shifted[1..], Path::Here),
-                    (&bytes[..], Path::Portable),
-                ];
-                if f32s && narrow_path(Dtype::F32) {
-                    inputs.push((&bytes[..], Path::Narrow));
-                    inputs.push((&shifted[1..], Path::Narrow));
+                // The plain loops, and every way this CPU can run the passes (the f32 one
+                // for f32 rows), each from aligned and misaligned bytes.
+                let dtype = if f32s { Dtype::F32 } else { Dtype::F64 };
+                let mut inputs = vec![(&bytes[..], Path::Portable)];
+                for passes in Passes::all(dtype) {
+                    inputs.push((&bytes[..], Path::Passes(passes)));
+                    inputs.push((&shifted[1..], Path::Passes(passes)));
                 }
                 for (input, path) in inputs {
+                    // The f32 path's lanes, if it is that one.
+                    let narrow = match path {
+                        Path::Passes(passes) if f32s && passes.narrow => passes.registers,
+                        _ => None,
+                    };
                     let width = 2 * columns + 1;
                     let mut out = vec![0.0; rows * width];
                     let mut stats = Vec::new();
@@ -1289,19 +1435,32 @@ mod tests {
                         out: &mut [f64],
                         stats: &mut Vec<Stats>,
                     ) {
-                        let (w32, r32) = match path {
-                            Path::Narrow => (Some(w32), Some(&w32[..k])),
-                            _ => (None, None),
-                        };
-                        if path == Path::Portable {
-                            times_portable::<T, false>(a, k, w, out, (width, 0), Some(2 * columns));
-                            times_portable::<T, true>(a, k, w, out, (width, columns), None);
-                            row_stats_lanes::<T, false, 8, false>(a, k, &w[..k], stats);
-                        } else {
-                            let ws = (w, w32);
-                            times::<T, false>(a, k, ws, out, (width, 0), Some(2 * columns));
-                            times::<T, true>(a, k, ws, out, (width, columns), None);
-                            row_stats::<T, false>(a, k, &w[..k], r32, stats);
+                        match path {
+                            Path::Portable => {
+                                let (sums, bounds) = ((width, 0), (width, columns));
+                                times_portable::<T, false>(a, k, w, out, sums, Some(2 * columns));
+                                times_portable::<T, true>(a, k, w, out, bounds, None);
+                                row_stats_lanes::<T, false, 8, false>(a, k, &w[..k], stats);
+                            }
+                            Path::Passes(Passes { registers, narrow }) => {
+                                let (w32, r32) = match narrow {
+                                    true => (Some(w32), Some(&w32[..k])),
+                                    false => (None, None),
+                                };
+                                let ws = (w, w32);
+                                let (sums, bounds) = ((width, 0), (width, columns));
+                                times::<T, false>(
+                                    registers,
+                                    a,
+                                    k,
+                                    ws,
+                                    out,
+                                    sums,
+                                    Some(2 * columns),
+                                );
+                                times::<T, true>(registers, a, k, ws, out, bounds, None);
+                                row_stats::<T, false>(registers, a, k, &w[..k], r32, stats);
+                            }
                         }
                     }
                     let shape = (k, &w[..], &w32[..], columns, width);
@@ -1319,7 +1478,7 @@ mod tests {
                     };
                     let unit = f64::from(f32::EPSILON) / 2.0;
                     let close = |got: f64, want: f64, scale: f64, chain: usize| {
-                        let bound = if path == Path::Narrow {
+                        let bound = if narrow.is_some() {
                             1.01 * (chain + 1) as f64 * unit * scale
                         } else {
                             1e-12 * scale
@@ -1329,7 +1488,9 @@ mod tests {
                             "{path:?} {rows}x{k}x{columns}: {got} vs {want}"
                         );
                     };
-                    let (row_chain, times_chain) = (narrow_chain(k, 64) + 2, narrow_chain(k, 16));
+                    let lanes = narrow.map_or(1, Registers::f32_lanes);
+                    let (row_chain, times_chain) =
+                        (narrow_chain(k, 4 * lanes) + 2, narrow_chain(k, lanes));
                     let plain = |t: usize, c: usize, abs: bool| -> (f64, f64) {
                         (0..k).fold((0.0, 0.0), |(sum, scale), l| {
                             let v = if abs {
@@ -1337,7 +1498,7 @@ mod tests {
                             } else {
                                 a[t * k + l]
                             };
-                            let w = if path == Path::Narrow {
+                            let w = if narrow.is_some() {
                                 f64::from(w32[c * k + l])
                             } else {
                                 w[c * k + l]
@@ -1373,7 +1534,11 @@ mod tests {
     #[test]
     fn every_tile_of_a_job_is_judged_right() {
         let mut rng = StdRng::seed_from_u64(21);
-        for (dtype, narrow) in [(Dtype::F32, false), (Dtype::F32, true), (Dtype::F64, false)] {
+        for (dtype, passes) in [Dtype::F32, Dtype::F64].into_iter().flat_map(|dtype| {
+            Passes::all(dtype)
+                .into_iter()
+                .map(move |passes| (dtype, passes))
+        }) {
             for balanced in [true, false] {
                 // Balanced needs bands wide enough for their row sums to agree: 7 of 64.
                 let (m, n, k, edge) = if balanced {
@@ -1423,7 +1588,7 @@ mod tests {
                 // time, then A's a row at a time, then C's tiles.
                 let beta = if case.c.is_some() { case.beta } else { 0.0 };
                 let mut from_b =
-                    JobCheck::begin_on(dtype, case.alpha, beta, plan, &mut rng, narrow);
+                    JobCheck::begin_on(dtype, case.alpha, beta, plan, &mut rng, passes);
                 for j in 0..plan.tiles_j() {
                     let panel = block(&case.b, 0..k as u32, plan.cols(j), n);
                     let mut hasher = blake3::Hasher::new();
@@ -1457,7 +1622,8 @@ mod tests {
                 }
                 let check = from_a.finish();
                 assert_eq!(check.columns.balanced.is_some(), balanced, "{dtype}");
-                assert_eq!(check.narrow, narrow && narrow_path(dtype));
+                assert_eq!(check.registers, passes.registers);
+                assert_eq!(check.narrow, passes.narrow && dtype == Dtype::F32);
                 for (i, j) in plan.tiles() {
                     let (rows, cols) = (plan.rows(i), plan.cols(j));
                     let tile = block(&case.result, rows.clone(), cols.clone(), n);
@@ -1506,9 +1672,9 @@ mod tests {
                 // f32: a tenth of the tile's largest value; f64: a millionth.
                 let size = if dtype == Dtype::F32 { 0.1 } else { 1e-6 };
                 case.corrupt((seed as usize * 7) % 40, (seed as usize * 3) % 30, size);
-                for narrow in [false, true] {
-                    let err = check_on(&case.tile(), &case.result, &mut rng, narrow)
-                        .expect_err(&format!("{dtype} seed {seed} narrow {narrow}"));
+                for passes in Passes::all(dtype) {
+                    let err = check_on(&case.tile(), &case.result, &mut rng, passes)
+                        .expect_err(&format!("{dtype} seed {seed} {passes:?}"));
                     assert_eq!(err.row, (seed as usize * 7) % 40, "{err}");
                 }
             }
@@ -1585,11 +1751,11 @@ mod tests {
                 b: &b,
                 c: None,
             };
-            for narrow in [false, true] {
-                assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, narrow), Ok(()));
+            for passes in Passes::all(Dtype::F32) {
+                assert_eq!(check_on(&tile, &f32_bytes(&out), &mut rng, passes), Ok(()));
                 let mut wrong = out.clone();
                 wrong[at] += bump;
-                let err = check_on(&tile, &f32_bytes(&wrong), &mut rng, narrow)
+                let err = check_on(&tile, &f32_bytes(&wrong), &mut rng, passes)
                     .expect_err("a wrong element");
                 assert_eq!(err.row, at / n, "{err}");
             }
