@@ -5,8 +5,8 @@
 //! (content keys) and every result (checksums) whether or not it checks; the check's
 //! passes run on the same bytes as they are hashed. Its cost is the difference between
 //! that work with and without the check, on one thread (what one coordinator core
-//! spends), timed in this run; the check on its own (from panels in memory, sharing no
-//! pass) is shown beside it. Replication, the usual alternative, would cost one extra
+//! spends), timed in this run, and split by pass (B's panels, A's, the results); the check
+//! on its own (from panels in memory, sharing no pass) is shown beside it. Replication, the usual alternative, would cost one extra
 //! copy of the compute: 100 %.
 //!
 //! Options: `--sizes 1024,2048,4096`, `--dtypes f32,f64`, `--reps R` (3; medians).
