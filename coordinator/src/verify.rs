@@ -37,9 +37,8 @@
 //! elsewhere 512-bit ([`Registers`]): between BLAKE3's passes over the same bytes, Intel
 //! cores lower their clock for heavy 512-bit arithmetic (BLAKE3's is light), and on the
 //! Intel VM of 2026-12-07 the check in 256-bit registers cost 30 % less at n = 1024
-//! (BENCHMARKS.md).
-//! AVX2 and other targets take the portable loops, which the compiler vectorises,
-//! widening f32 to f64.
+//! (BENCHMARKS.md). AVX2 and other targets take the portable loops, which the compiler
+//! vectorises, widening f32 to f64.
 //!
 //! `r_j` is a random sign times a uniform magnitude in `[1/2, 1]`: an error in one element
 //! larger than twice the tolerance is always found, and errors that cancel for one draw
