@@ -36,7 +36,7 @@
 //! passes"). On Intel CPUs the registers are 256-bit ones (32 of them with AVX-512VL),
 //! elsewhere 512-bit ([`Registers`]): between BLAKE3's passes over the same bytes, Intel
 //! cores lower their clock for heavy 512-bit arithmetic (BLAKE3's is light), and on the
-//! Intel VM of 2026-12-07 the check in 256-bit registers cost 30 % less at n = 1024
+//! Intel VM of 2026-12-07 the check in 256-bit registers cost 20–30 % less at n = 1024
 //! (BENCHMARKS.md). AVX2 and other targets take the portable loops, which the compiler
 //! vectorises, widening f32 to f64.
 //!
