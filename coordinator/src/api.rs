@@ -471,7 +471,10 @@ pub async fn result(
         // matrix (a 16 MB result took a fresh 16 MB buffer and its page faults before).
         let header = npy::header(matrix.dtype, matrix.rows, matrix.cols);
         let length = header.len() + matrix.data.len();
-        let chunks = [Bytes::from(header), Bytes::from_owner(npy::Data(matrix))];
+        let chunks = [
+            Bytes::from(header),
+            Bytes::from_owner(crate::grid::MatrixBytes(matrix)),
+        ];
         let body = axum::body::Body::from_stream(futures_util::stream::iter(
             chunks.map(Ok::<_, Infallible>),
         ));

@@ -111,8 +111,9 @@ pub struct PreparedJob {
     check: Option<Arc<verify::JobCheck>>,
 }
 
-/// Lets a `Bytes` borrow a matrix's buffer without copying it.
-struct MatrixBytes(Arc<Matrix>);
+/// Lets a `Bytes` borrow a matrix's buffer without copying it (A's row panels; a result
+/// sent as `.npy`, after its header).
+pub(crate) struct MatrixBytes(pub(crate) Arc<Matrix>);
 
 impl AsRef<[u8]> for MatrixBytes {
     fn as_ref(&self) -> &[u8] {

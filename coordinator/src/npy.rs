@@ -144,16 +144,6 @@ pub fn header(dtype: Dtype, rows: usize, cols: usize) -> Vec<u8> {
     out
 }
 
-/// A matrix's bytes, to send as they are ([`bytes::Bytes::from_owner`]): after its
-/// [`header`], the data of its `.npy` file.
-pub struct Data(pub std::sync::Arc<Matrix>);
-
-impl AsRef<[u8]> for Data {
-    fn as_ref(&self) -> &[u8] {
-        &self.0.data
-    }
-}
-
 /// Where the data of an `.npy` file starts, from its first 10 bytes (format 1.0).
 pub fn data_offset(first: &[u8; 10]) -> Option<usize> {
     (first.starts_with(b"\x93NUMPY\x01"))
